@@ -1,0 +1,17 @@
+"""User mistakes: raised with a one-line message, printed by __main__ without a traceback."""
+
+from pydantic import ValidationError
+
+
+class UsageError(Exception):
+    """Bad input from the user (flag, file, value); exits 2 with its message."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """pydantic's multi-line report as one line: `key=value: what is allowed; ...`."""
+    parts = []
+    for e in error.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        got = "" if e["type"] == "missing" else f"={e['input']!r}"
+        parts.append(f"{key}{got}: {e['msg']}" if e["type"] != "extra_forbidden" else f"unknown key {key!r}")
+    return "; ".join(parts)

@@ -1,0 +1,168 @@
+"""CIFAR-10 as in-memory uint8 tensors, batched, normalised and augmented as tensor ops.
+
+The python-format batches are read straight into one uint8 tensor per split:
+no per-image PIL decode and no md5 of a local copy, so a re-encoded copy with
+other checksums loads. Normalisation and augmentation run on whole batches after
+they reach the device (`on_after_batch_transfer`).
+"""
+
+import pickle
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
+ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+BATCHES_DIR = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILE = "test_batch"
+META_FILE = "batches.meta"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN, STD = 0.5, 0.5  # the seed's Normalize((0.5,)*3, (0.5,)*3)
+
+
+class DatasetError(Exception):
+    """A data file is missing or not in the CIFAR-10 python format; the message names it."""
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing (expected a CIFAR-10 python-format batch)")
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as e:  # truncated, not a pickle, wrong protocol: all the same to the user
+        raise DatasetError(f"{path}: not a CIFAR-10 python-format batch ({type(e).__name__}: {e})") from None
+
+
+def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One python-format batch file -> (N x 3 x 32 x 32 uint8 images, N int64 labels)."""
+    entry = _unpickle(path)
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{path}: expected a dict with b'data' and b'labels', got {type(entry).__name__}")
+    data = entry.get(b"data", entry.get("data"))
+    labels = entry.get(b"labels", entry.get("labels"))
+    if data is None or labels is None:
+        raise DatasetError(f"{path}: expected keys b'data' and b'labels', found {sorted(map(str, entry))}")
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DatasetError(f"{path}: expected uint8 data of shape (N, 3072) and N labels, "
+                           f"got {data.dtype} {data.shape} and {len(labels)} labels")
+    targets = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    if len(targets) and (targets.min() < 0 or targets.max() >= len(CLASSES)):
+        raise DatasetError(f"{path}: labels must lie in 0..9")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), targets
+
+
+def read_class_names(root: Path) -> tuple[str, ...]:
+    meta = _unpickle(root / META_FILE)
+    names = meta.get(b"label_names", meta.get("label_names")) if isinstance(meta, dict) else None
+    if not names or len(names) != len(CLASSES):
+        raise DatasetError(f"{root / META_FILE}: expected 'label_names' with {len(CLASSES)} class names")
+    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+
+def read_split(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = [read_batch(root / name) for name in (TRAIN_FILES if train else [TEST_FILE])]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def synthetic_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable CIFAR-shaped set: each class is a fixed smooth colour pattern plus noise."""
+    prototypes = torch.nn.functional.interpolate(
+        torch.rand(len(CLASSES), 3, 4, 4, generator=torch.Generator().manual_seed(1234)) * 255,
+        size=(32, 32), mode="bilinear", align_corners=False)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(len(CLASSES), (n,), generator=g)
+    images = prototypes[labels] + torch.randn(n, 3, 32, 32, generator=g) * 48
+    return images.clamp(0, 255).to(torch.uint8), labels
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> float, scaled to [0, 1] then normalised as the seed does."""
+    return (images.float() / 255 - MEAN) / STD
+
+
+def augment_batch(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, per image, as one gather."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
+    rows = (torch.arange(h, device=x.device) + dy)[:, None, :, None]
+    cols = (torch.arange(w, device=x.device) + dx)[:, None, None, :]
+    flip = torch.rand(n, device=x.device) < 0.5
+    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    batch_idx = torch.arange(n, device=x.device)[:, None, None, None]
+    channel_idx = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch_idx, channel_idx, rows, cols]
+
+
+def _batched_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
+                    num_workers: int) -> DataLoader:
+    # Index whole batches at once (TensorDataset takes a list of indices): one gather per
+    # batch instead of batch_size __getitem__ calls and a collate.
+    dataset = TensorDataset(images, labels)
+    sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False),
+                      batch_size=None, num_workers=num_workers)
+
+
+class CIFAR10DataModule(pl.LightningDataModule):
+    def __init__(self, data_dir: str = "data", dataset: str = "cifar10", batch_size: int = 32,
+                 val_fraction: float = 0.1, augment: bool = False, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.augment = augment
+        self.num_workers = num_workers
+        self.seed = seed
+        self.classes = CLASSES
+        self.train_set = self.val_set = self.test_set = None
+
+    @property
+    def batches_dir(self) -> Path:
+        return self.data_dir / BATCHES_DIR
+
+    def prepare_data(self):
+        if self.dataset == "cifar10" and not self.batches_dir.is_dir():
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            download_and_extract_archive(ARCHIVE_URL, str(self.data_dir), md5=ARCHIVE_MD5)
+
+    def setup(self, stage: str | None = None):
+        if self.train_set is not None:
+            return
+        if self.dataset == "synthetic":
+            train_full, self.test_set = synthetic_split(5000, self.seed), synthetic_split(1000, self.seed + 1)
+        else:
+            self.classes = read_class_names(self.batches_dir)
+            train_full, self.test_set = read_split(self.batches_dir, True), read_split(self.batches_dir, False)
+        n_val = round(len(train_full[0]) * self.val_fraction)
+        if not 0 < n_val < len(train_full[0]):
+            raise DatasetError(f"val_fraction={self.val_fraction} leaves no train or no val images "
+                               f"out of {len(train_full[0])}")
+        order = torch.randperm(len(train_full[0]), generator=torch.Generator().manual_seed(self.seed))
+        self.train_set = tuple(t[order[n_val:]] for t in train_full)
+        self.val_set = tuple(t[order[:n_val]] for t in train_full)
+
+    def train_dataloader(self):
+        return _batched_loader(*self.train_set, self.batch_size, True, self.num_workers)
+
+    def val_dataloader(self):
+        return _batched_loader(*self.val_set, self.batch_size, False, self.num_workers)
+
+    def test_dataloader(self):
+        return _batched_loader(*self.test_set, self.batch_size, False, self.num_workers)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        images = normalize(images)
+        if self.augment and self.trainer is not None and self.trainer.training:
+            images = augment_batch(images)
+        return images, labels

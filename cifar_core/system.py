@@ -1,0 +1,56 @@
+"""The LightningModule: loss, metrics and optimiser around a model from model.py."""
+
+import lightning.pytorch as pl
+import torch
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from cifar_core.model import build_model
+
+
+class ImageClassifier(pl.LightningModule):
+    def __init__(self, model: str = "seed_cnn", num_classes: int = 10, dropout: float = 0.0,
+                 optimizer: str = "adam", lr: float = 2e-4, weight_decay: float = 0.0,
+                 momentum: float = 0.9, nesterov: bool = False):
+        super().__init__()
+        # Saved into every checkpoint so it rebuilds without the run's config; kept out of the
+        # logger because W&B's run config (set once, by wandb.init) is the record of the run.
+        self.save_hyperparameters(logger=False)
+        self.net = build_model(model, num_classes, dropout)
+        # One metric object per stage: epoch accuracy over all samples, not a mean of batch means.
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        self.log("train_acc", self.train_acc, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test", self.test_acc)
+
+    def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy):
+        x, y = batch
+        logits = self(x)
+        accuracy(logits, y)
+        self.log(f"{stage}_loss", F.cross_entropy(logits, y), prog_bar=True)
+        self.log(f"{stage}_acc", accuracy, prog_bar=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
+                                   nesterov=hp.nesterov and hp.momentum > 0, weight_decay=hp.weight_decay)
+        optimizer_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+        return optimizer_cls(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)

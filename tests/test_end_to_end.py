@@ -1,0 +1,48 @@
+"""One real `python -m agent run` on tiny data, read back with W&B's own offline-run reader."""
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.conftest import agent_command
+
+
+def leet(*args: str):
+    out = subprocess.run(["wandb", "leet", "inspect", "--json", *args], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return json.loads(out) if "--summary" in args else [json.loads(line) for line in out.splitlines()]
+
+
+def test_agent_run_logs_config_metrics_images_and_best_model(cifar_dir, offline_env, tmp_path):
+    out = subprocess.run(
+        agent_command("run", f"--data_dir={cifar_dir}", "--max_epochs=2", "--limit_train_batches=3",
+                      "--batch_size", "16", "--optimizer=sgd", "--lr=0.01", "--nesterov"),
+        capture_output=True, text=True, cwd=tmp_path, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
+
+    summary = leet("--summary", str(run_dir))
+    assert summary["state"] == "finished" and summary["exit_code"] == 0
+    config = summary["config"]
+    assert (config["optimizer"], config["lr"], config["batch_size"], config["nesterov"]) == ("sgd", 0.01, 16, True)
+    assert config["max_epochs"] == 2 and config["data_dir"] == str(cifar_dir)
+    assert 0 <= summary["summary"]["test_acc"] <= 1 and "test_loss" in summary["summary"]
+
+    records = leet(str(run_dir))
+    rows = [r["history"]["item"] for r in records if r["type"] == "history"]
+    assert [row["epoch"] for row in rows if "val_acc" in row] == [0, 1]
+    images = [row for row in rows if "examples.captions" in row]
+    assert len(images) == 2  # one set per validation epoch, none for the sanity check
+    captions = images[-1]["examples.captions"]
+    assert len(captions) == 20 and all(c.startswith("Pred: ") and ", Label: " in c for c in captions)
+    assert all((run_dir / "files" / f).is_file() for f in images[-1]["examples.filenames"])
+
+    [artifact] = [r["artifact"] for r in records if r["type"] == "artifact"]
+    assert artifact["type"] == "model" and artifact["name"] == f"model-{summary['run_id']}"
+    assert set(artifact["aliases"]) == {"best", "latest"}
+    [entry] = artifact["manifest"]["contents"]
+    assert entry["path"] == "model.ckpt" and Path(entry["local_path"]).is_file()
+    assert Path(entry["local_path"]).is_relative_to(run_dir)  # a copied run directory still syncs
+    metadata = json.loads(artifact["metadata"])
+    assert metadata["monitor"] == "val_acc" and metadata["epoch"] in (0, 1)
+    assert metadata["config"]["optimizer"] == "sgd" and 0 <= metadata["val_acc"] <= 1
