@@ -2,6 +2,8 @@
 
   run       train once with --key=value flags (the program every sweep runs)
   validate  check sweep YAMLs against W&B's schema and our config
+  local     run a sweep YAML offline, no W&B server: trials in parallel, resumable
+  status    the trial table of a local sweep (--json for scripts)
 """
 
 import argparse
@@ -10,37 +12,84 @@ import sys
 from agent.errors import UsageError
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m agent", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m agent", description="The worker side of the sweep service.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run_parser = commands.add_parser(
-        "run", help="train once; flags --key=value set TrainConfig fields", add_help=False,
-        description="Train once. Under a W&B sweep, the sweep's values override flags and defaults.")
-    run_parser.add_argument("-h", "--help", action="store_true")
-    validate_parser = commands.add_parser(
-        "validate", help="check sweep YAMLs; exit 0 only when all are valid",
-        description="Check each sweep YAML against W&B's schema and, when it runs our program, TrainConfig.")
-    validate_parser.add_argument("files", nargs="+", metavar="FILE")
 
-    args, rest = parser.parse_known_args(argv)
-    try:
-        if args.command == "run":
-            from agent.run import config_help, run
+    run = commands.add_parser("run", add_help=False, help="train once; --key=value flags set TrainConfig fields",
+                              description="Train once. Under a W&B sweep, the sweep's values override flags and "
+                                          "defaults. Logs to W&B (WANDB_MODE=offline works) and returns metrics.")
+    run.add_argument("-h", "--help", action="store_true")
+    run.set_defaults(print_help=run.print_help)
 
-            if args.help:
-                run_parser.print_help()
-                print("\n" + config_help())
-                return 0
-            result = run(rest)
-            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    validate = commands.add_parser("validate", help="check sweep YAMLs; exit 0 only when all are valid",
+                                   description="Check each sweep YAML against W&B's schema and, when it runs "
+                                               "our program, against TrainConfig. A line per problem.")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+
+    local = commands.add_parser(
+        "local", help="run a sweep YAML offline (no W&B server)",
+        description="Run a W&B sweep YAML with no server: W&B's own engine suggests the trials, each runs as "
+                    "`wandb agent` would run it, offline, under DIR. Run it again with the same --dir to resume.")
+    local.add_argument("sweep", metavar="SWEEP.yaml")
+    local.add_argument("--count", type=int, help="total trials in DIR, across resumes (default: the YAML's "
+                                                 "run_cap, a grid's size, or no limit)")
+    slots = local.add_mutually_exclusive_group()
+    slots.add_argument("--workers", type=int, default=1, help="trials in parallel (default 1)")
+    slots.add_argument("--gpus", help="one trial per listed GPU, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")
+    local.add_argument("--dir", help="state and runs (default: a new ./sweeps-local/SWEEP_ID)")
+    local.add_argument("--sweep-id", help="use this id (e.g. of a W&B sweep made from the same YAML, so the "
+                                          "runs join it on `wandb sync`); default: a new random id")
+    local.add_argument("--retry-crashed", action="store_true", help="rerun trials whose controller died")
+    local.add_argument("--max-consecutive-failures", type=int, default=5, metavar="N",
+                       help="stop after N failed trials in a row (default 5)")
+    local.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
+                       help="after SIGTERM, how long a stopped trial may take to save before SIGKILL (default 60)")
+
+    status = commands.add_parser("status", help="the trial table of a local sweep",
+                                 description="Print the trials of a local sweep: id, state, metric, config.")
+    status.add_argument("dir", metavar="DIR")
+    status.add_argument("--json", action="store_true", help="a JSON list of trials instead of a table")
+    return parser
+
+
+def dispatch(parser: argparse.ArgumentParser, args, rest: list[str]) -> int:
+    if args.command == "run":
+        from agent.run import config_help, run
+
+        if args.help:
+            args.print_help()
+            print("\n" + config_help())
             return 0
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        result = run(rest)
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        return 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "validate":
         from agent.validate import validate
 
         return validate(args.files)
+    if args.command == "status":
+        from agent.status import status
+
+        return status(args.dir, args.json)
+    from agent.local import LocalSweep, open_sweep
+    from agent.status import SweepView
+
+    if args.workers < 1 or args.count is not None and args.count < 1:
+        raise UsageError("--workers and --count must be at least 1")
+    store, sweep_id, sweep, root = open_sweep(args.sweep, args.dir, args.sweep_id)
+    slots = args.gpus.split(",") if args.gpus else [None] * args.workers
+    return LocalSweep(store, sweep_id, sweep, root, slots, args.count, args.retry_crashed,
+                      args.max_consecutive_failures, args.grace, SweepView(sweep_id, sweep, root)).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return dispatch(parser, args, rest)
     except UsageError as e:
         print(f"agent {args.command}: {e}", file=sys.stderr)
         return 2

@@ -8,18 +8,23 @@ sweep's values stay locked), else starts one with the config.
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 import wandb
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_core.callbacks import ImagePredictionLogger
 from cifar_core.config import TrainConfig
 from cifar_core.data import CIFAR10DataModule
+from cifar_core.evaluate import evaluate
 from cifar_core.system import ImageClassifier
 
 
@@ -44,12 +49,9 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def log_best_checkpoint(run, checkpoint: ModelCheckpoint, config: TrainConfig) -> wandb.Artifact:
-    path = Path(checkpoint.best_model_path)
-    epoch = int(re.search(r"epoch=(\d+)", path.name).group(1))
-    score = checkpoint.best_model_score
+def log_model_artifact(run, path: Path, score: float | None, epoch: int, config: TrainConfig) -> wandb.Artifact:
     artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={
-        config.monitor: None if score is None else float(score),
+        config.monitor: score,
         "monitor": config.monitor,
         "epoch": epoch,
         "config": config.model_dump(),
@@ -60,6 +62,28 @@ def log_best_checkpoint(run, checkpoint: ModelCheckpoint, config: TrainConfig) -
     artifact.add_file(str(path), name="model.ckpt", policy="immutable")
     run.log_artifact(artifact, aliases=["best", "latest"])
     return artifact
+
+
+class SigtermRecorder:
+    """Turns SIGTERM into a flag for the whole run. During fit Lightning chains this handler to
+    its own, which ends fit at the next batch; afterwards a SIGTERM no longer kills the process
+    before the best checkpoint is tested and logged."""
+
+    def __init__(self):
+        self.received = False
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._record)
+        return self
+
+    def _record(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def train(config: TrainConfig) -> dict:
@@ -85,9 +109,23 @@ def train(config: TrainConfig) -> dict:
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
     )
-    trainer.fit(system, datamodule=datamodule)
-    test = trainer.test(system, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
-    artifact = log_best_checkpoint(run, checkpoint, config)
+    with SigtermRecorder() as sigterm:
+        try:
+            trainer.fit(system, datamodule=datamodule)
+        except SIGTERMException:  # a sweep's early stop or a scheduler: keep what was learnt
+            pass
+        if checkpoint.best_model_path:
+            best = Path(checkpoint.best_model_path)
+            epoch = int(re.search(r"epoch=(\d+)", best.name).group(1))
+            score = float(checkpoint.best_model_score)
+            system.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+        else:  # stopped before the first validation: the current weights are all there is
+            best, epoch, score = Path(checkpoint.dirpath) / "interrupted.ckpt", trainer.current_epoch, None
+            trainer.save_checkpoint(best)
+        test = evaluate(system.net.to(trainer.strategy.root_device), *datamodule.test_set)
+        test.pop("per_class_acc")
+        trainer.logger.log_metrics(test, step=trainer.global_step)
+        artifact = log_model_artifact(run, best, score, epoch, config)
     result = {
         "run_id": run.id,
         "test_acc": test["test_acc"],
@@ -96,7 +134,8 @@ def train(config: TrainConfig) -> dict:
         "best_epoch": artifact.metadata["epoch"],
         "epochs": trainer.current_epoch,
         "stopped_early": early_stopping.stopped_epoch > 0,
-        "best_checkpoint": checkpoint.best_model_path,
+        "interrupted": sigterm.received,
+        "best_checkpoint": str(best),
     }
     if owns_run:
         run.finish()

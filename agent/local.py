@@ -1,0 +1,314 @@
+"""`python -m agent local SWEEP.yaml`: run a W&B sweep YAML with no server.
+
+Suggestions and hyperband stops come from W&B's own engine (the `sweeps`
+package); each trial is the YAML's `command`, expanded with W&B's own macro code
+and started with the environment `wandb agent` gives (WANDB_SWEEP_ID,
+WANDB_RUN_ID, WANDB_SWEEP_PARAM_PATH), offline, with its run under DIR/wandb.
+Trials report through what they log: the controller reads each offline run's
+transaction log while it is written. State is in DIR/sweep.db (agent/store.py).
+"""
+
+import ctypes
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+from wandb.sdk.lib import config_util
+from wandb.sdk.lib.runid import generate_id
+
+from agent.errors import UsageError
+from agent.runlog import RunLogReader, find_run_file
+from agent.status import SweepView
+from agent.store import LIVE, Store, Trial
+from agent.validate import load_sweep, runs_our_program, sweep_problems, sweeps
+
+DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # W&B agent's default
+POLL_SECONDS = 0.5
+
+
+def engine_config(sweep: dict) -> dict:
+    """The YAML with W&B's schema defaults filled in, keeping the parameters as written
+    (the engine's validation drops nested ones)."""
+    filled = dict(sweeps.SweepConfig(sweep))
+    filled["parameters"] = sweep["parameters"]
+    return filled
+
+
+def plain(value):
+    """numpy scalars from the engine -> Python values that json and yaml can dump."""
+    return json.loads(json.dumps(value, default=lambda v: v.item()))
+
+
+def trial_command(sweep: dict, params: dict, args_json_file: Path) -> list[str]:
+    """The command `wandb agent` would run for these params, macros expanded as it does."""
+    variables = create_sweep_command_args({"args": params})
+    variables.update(env=["/usr/bin/env"], interpreter=["python"], program=[str(sweep.get("program"))],
+                     args_json_file=[str(args_json_file)])
+    command = []
+    for chunk in create_sweep_command([str(c) for c in sweep.get("command") or DEFAULT_COMMAND]):
+        if chunk.startswith("${") and chunk.endswith("}"):
+            command += variables.get(chunk[2:-1]) or []
+        else:
+            command.append(chunk)
+    return command
+
+
+def _die_with_parent():
+    # A trial outliving a kill -9'd controller would finish unseen; SIGTERM lets ours save first.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def open_sweep(path: str, directory: str | None, sweep_id: str | None = None) -> tuple[Store, str, dict, Path]:
+    sweep = load_sweep(path)
+    problems = sweep_problems(sweep) if runs_our_program(sweep) else \
+        list(sweeps.schema_violations_from_proposed_config(sweep))
+    if problems:
+        raise UsageError(f"{path}: " + "; ".join(problems))
+    sweep_id = sweep_id or generate_id(8)
+    root = Path(directory) if directory else Path("sweeps-local") / sweep_id
+    root.mkdir(parents=True, exist_ok=True)
+    store = Store(root / "sweep.db")
+    with store.transaction():
+        existing = store.sweep()
+        if existing is None:
+            store.create_sweep(sweep_id, sweep)
+        elif existing[1] != sweep:
+            raise UsageError(f"{root}: holds sweep {existing[0]} made from another YAML; use a new --dir")
+        else:
+            sweep_id = existing[0]
+    return store, sweep_id, sweep, root
+
+
+class LocalSweep:
+    def __init__(self, store: Store, sweep_id: str, sweep: dict, root: Path, slots: list[str | None],
+                 count: int | None, retry_crashed: bool, max_consecutive_failures: int, grace: float,
+                 view: SweepView):
+        self.store, self.sweep_id, self.sweep, self.root = store, sweep_id, sweep, root.resolve()
+        self.engine = engine_config(sweep)
+        self.metric = (sweep.get("metric") or {}).get("name")
+        caps = [c for c in (count, sweep.get("run_cap")) if c]
+        self.limit = min(caps) if caps else (None if sweep["method"] == "grid" else 1 << 62)
+        self.devices = slots  # per slot: the GPU it pins (CUDA_VISIBLE_DEVICES) or None
+        self.slot_trials: list[str | None] = [None] * len(slots)  # per slot: its running trial
+        self.retry_crashed, self.max_failures, self.grace = retry_crashed, max_consecutive_failures, grace
+        self.view = view
+        self.controller = generate_id(12)
+        self.procs: dict[str, tuple[subprocess.Popen, RunLogReader | None, float | None]] = {}
+        self.to_retry: list[str] = []
+        self.exhausted = self.stopping = self.interrupted = False
+        self.consecutive_failures = 0
+        self.failure_message = ""
+
+    # the loop
+
+    def run(self) -> int:
+        self.store.register_controller(self.controller)
+        for trial_id in self.store.reap_dead_controllers():
+            self.view.event(f"{trial_id} crashed: its controller died")
+        if self.retry_crashed:
+            self.to_retry = [t.id for t in self.store.trials() if t.state == "crashed"]
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with self.view:
+                while True:
+                    self.store.heartbeat(self.controller)
+                    self.poll_trials()
+                    self.early_terminate()
+                    if not (self.stopping or self.exhausted):
+                        self.fill_slots()
+                    if not self.procs and (self.stopping or self.exhausted):
+                        break
+                    self.view.update(self.store.trials())
+                    time.sleep(POLL_SECONDS)
+                self.view.update(self.store.trials())
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.store.unregister_controller(self.controller)
+        if self.interrupted:
+            return 130
+        return 1 if self.failure_message else 0
+
+    def _on_signal(self, signum, frame):
+        if self.interrupted:  # second Ctrl-C: no more grace
+            self.grace = 0
+        self.stopping = self.interrupted = True
+        self.view.event("interrupted: stopping running trials (they are marked crashed; resume with --retry-crashed)")
+        for trial_id, (proc, _, _) in self.procs.items():
+            self._signal(proc, signal.SIGTERM if self.grace else signal.SIGKILL)
+            self.procs[trial_id] = (proc, self.procs[trial_id][1], time.time())
+
+    # trials
+
+    def fill_slots(self):
+        for slot, trial_id in enumerate(self.slot_trials):
+            if trial_id is not None:
+                continue
+            trial = self.claim()
+            if trial is None:
+                return
+            self.start(trial, slot)
+
+    def claim(self) -> Trial | None:
+        """The next trial to run, committed as pending before it starts; None when there is none."""
+        with self.store.transaction():
+            trials = self.store.trials()
+            while self.to_retry:
+                retry = self.store.trial(self.to_retry.pop(0))
+                if retry.state == "crashed":
+                    self.store.update(retry.id, state="pending", controller=self.controller, reason=None,
+                                      history=[], metric=None, stop_requested=None, exit_code=None)
+                    return self.store.trial(retry.id)
+            if self.limit is not None and len(trials) >= self.limit:
+                self.exhausted = True
+                return None
+            runs = [as_sweep_run(t, self.metric) for t in trials]
+            running = [t.params for t in trials if t.state in LIVE]
+            for _ in range(20):  # random/bayes may repeat a running config: draw again
+                suggestion = sweeps.next_run(self.engine, runs)
+                if suggestion is None:  # a finished grid
+                    self.exhausted = True
+                    return None
+                params = plain(suggestion.config)
+                if params not in running:
+                    break
+            else:
+                return None
+            trial_id = generate_id(8)
+            self.store.add_trial(trial_id, params, self.controller)
+        return self.store.trial(trial_id)
+
+    def start(self, trial: Trial, slot: int):
+        sweep_dir = self.root / "wandb" / f"sweep-{self.sweep_id}"
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        param_path = sweep_dir / f"config-{trial.id}.yaml"
+        config_util.save_config_file_from_dict(str(param_path), trial.params)
+        args_json_file = sweep_dir / f"args-{trial.id}.json"
+        command = trial_command(self.sweep, trial.params, args_json_file)
+        if "${args_json_file}" in (self.sweep.get("command") or []):
+            args_json_file.write_text(json.dumps(trial.config))
+        # wandb-core writes the run log every 15 s by default: too late for hyperband decisions.
+        env = dict({"WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0.5"}, **os.environ)
+        env.update(WANDB_SWEEP_ID=self.sweep_id, WANDB_RUN_ID=trial.id, WANDB_MODE="offline",
+                   WANDB_SWEEP_PARAM_PATH=str(param_path), WANDB_DIR=str(self.root))
+        if self.sweep.get("project"):
+            env["WANDB_PROJECT"] = self.sweep["project"]
+        if len(self.devices) > 1 and "OMP_NUM_THREADS" not in env:
+            # K CPU-bound trials each spawning a thread per core oversubscribe the machine
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.devices)))
+        device = self.devices[slot]
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        log_dir = self.root / "logs"
+        log_dir.mkdir(exist_ok=True)
+        try:
+            with (log_dir / f"{trial.id}.log").open("ab") as log:
+                proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
+        except OSError as e:
+            self.store.update(trial.id, state="failed", reason=f"cannot start {command[0]}: {e.strerror}",
+                              ended=time.time())
+            self._count_failure(trial.id, f"cannot start {command[0]}: {e.strerror}")
+            return
+        self.store.update(trial.id, state="running", pid=proc.pid, slot=device, started=time.time())
+        self.procs[trial.id] = (proc, None, None)
+        self.slot_trials[slot] = trial.id
+        self.view.event(f"{trial.id} started: {' '.join(command)}")
+
+    def poll_trials(self):
+        for trial_id, (proc, reader, signalled_at) in list(self.procs.items()):
+            reader = reader or self._reader(trial_id)
+            code = proc.poll()
+            if reader is not None:
+                self._record_metrics(trial_id, reader)
+            trial = self.store.trial(trial_id)
+            if code is not None:
+                self._finish(trial, code)
+                continue
+            if trial.stop_requested and signalled_at is None:
+                self._signal(proc, signal.SIGTERM)
+                signalled_at = time.time()
+            elif signalled_at is not None and time.time() - signalled_at > self.grace:
+                self._signal(proc, signal.SIGKILL)
+            self.procs[trial_id] = (proc, reader, signalled_at)
+
+    def _reader(self, trial_id: str) -> RunLogReader | None:
+        path = find_run_file(self.root, trial_id)
+        return None if path is None else RunLogReader(path)
+
+    def _record_metrics(self, trial_id: str, reader: RunLogReader):
+        values = [row[self.metric] for row in reader.poll() if self.metric in row]
+        if values:
+            history = self.store.trial(trial_id).history + values
+            self.store.update(trial_id, history=history, metric=_number(history[-1]))
+
+    def _finish(self, trial: Trial, code: int):
+        del self.procs[trial.id]
+        self.slot_trials[self.slot_trials.index(trial.id)] = None
+        if self.interrupted:
+            state, reason = "crashed", "interrupted"
+        elif trial.stop_requested:
+            state, reason = "stopped", "early-terminated by hyperband"
+        elif code != 0:
+            state, reason = "failed", f"exit code {code}: {self._last_log_line(trial.id)}"
+        elif self.metric and trial.metric is None:
+            state, reason = "failed", f"{self.metric} is NaN" if trial.history else f"no {self.metric} logged"
+        else:
+            state, reason = "finished", None
+        self.store.update(trial.id, state=state, reason=reason, exit_code=code, ended=time.time())
+        self.view.event(f"{trial.id} {state}" + (f": {reason}" if reason else ""))
+        if state == "failed":
+            self._count_failure(trial.id, reason)
+        else:
+            self.consecutive_failures = 0
+
+    def _count_failure(self, trial_id: str, reason: str):
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= self.max_failures and not self.stopping:
+            self.stopping = True
+            self.failure_message = (f"stopping: {self.consecutive_failures} trials failed in a row "
+                                    f"(--max-consecutive-failures); last: {trial_id}: {reason}")
+            self.view.event(self.failure_message)
+
+    def _last_log_line(self, trial_id: str) -> str:
+        lines = (self.root / "logs" / f"{trial_id}.log").read_text(errors="replace").strip().splitlines()
+        return lines[-1][-300:] if lines else "no output"
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen, signum: int):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def early_terminate(self):
+        if not self.sweep.get("early_terminate") or not self.metric:
+            return
+        trials = self.store.trials()
+        to_stop = sweeps.stop_runs(self.engine, [as_sweep_run(t, self.metric) for t in trials])
+        live = {t.id for t in trials if t.state == "running" and t.stop_requested is None}
+        for run in to_stop:
+            if run.name in live:
+                self.store.update(run.name, stop_requested=time.time())
+                self.view.event(f"{run.name} stopping: hyperband")
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None
+
+
+ENGINE_STATES = {"stopped": "finished"}  # W&B marks a run that exits cleanly after a stop finished
+
+
+def as_sweep_run(trial: Trial, metric: str | None) -> "sweeps.SweepRun":
+    history = [{metric: v} for v in trial.history] if metric else []
+    summary = {metric: trial.metric} if metric and trial.metric is not None else {}
+    return sweeps.SweepRun(name=trial.id, state=ENGINE_STATES.get(trial.state, trial.state),
+                           config=trial.params, history=history, summary_metrics=summary,
+                           stopped=trial.stop_requested is not None)

@@ -1,0 +1,116 @@
+"""The trial table of a local sweep: `python -m agent status DIR [--json]`, and the live view."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from agent.errors import UsageError
+from agent.store import Store, Trial
+
+STATE_STYLE = {"finished": "green", "running": "cyan", "pending": "dim", "failed": "red",
+               "crashed": "magenta", "stopped": "yellow"}
+
+
+def best_trial(trials: list[Trial], goal: str) -> Trial | None:
+    scored = [t for t in trials if t.metric is not None and not math.isnan(t.metric)]
+    pick = max if goal == "maximize" else min
+    return pick(scored, key=lambda t: t.metric) if scored else None
+
+
+def swept(sweep: dict) -> list[str]:
+    """The parameters that vary between trials (constants add nothing to a table)."""
+    return [name for name, spec in (sweep.get("parameters") or {}).items()
+            if not (isinstance(spec, dict) and "value" in spec)]
+
+
+def console() -> Console:
+    # Off a terminal (logs, pipes) rich assumes 80 columns and folds every row; tables want more.
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def summary_line(trials: list[Trial], metric: str | None, goal: str, params: list[str]) -> str:
+    counts = {s: sum(t.state == s for t in trials) for s in STATE_STYLE}
+    line = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no trials yet"
+    best = best_trial(trials, goal)
+    if best is not None:
+        line += f" | best {metric} {best.metric:.4g} ({best.id}: " + \
+            " ".join(f"{p}={_short(best.config.get(p))}" for p in params) + ")"
+    return line
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def trial_table(trials: list[Trial], metric: str | None, params: list[str]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ["id", "state", metric or "metric", "time", *params, "reason"]:
+        table.add_column(column, overflow="fold")
+    for t in trials:
+        duration = "" if t.duration is None else f"{t.duration:.0f}s"
+        table.add_row(t.id, f"[{STATE_STYLE[t.state]}]{t.state}[/]",
+                      "" if t.metric is None else f"{t.metric:.4g}", duration,
+                      *[_short(t.config.get(p, "")) for p in params], t.reason or "")
+    return table
+
+
+def open_store(directory: str) -> Store:
+    path = Path(directory) / "sweep.db"
+    if not path.is_file():
+        raise UsageError(f"{directory}: no local sweep here (expected {path})")
+    return Store(path)
+
+
+def status(directory: str, as_json: bool) -> int:
+    store = open_store(directory)
+    sweep_id, sweep = store.sweep()
+    trials = store.trials()
+    if as_json:
+        print(json.dumps([{"id": t.id, "state": t.state, "metric": t.metric, "config": t.config,
+                           "reason": t.reason, "exit_code": t.exit_code, "duration_s": t.duration, "gpu": t.slot}
+                          for t in trials], indent=1))
+        return 0
+    metric = (sweep.get("metric") or {}).get("name")
+    out = console()
+    out.print(f"sweep {sweep_id} ({sweep['method']}) in {directory}")
+    out.print(trial_table(trials, metric, swept(sweep)))
+    out.print(summary_line(trials, metric, (sweep.get("metric") or {}).get("goal", "minimize"), swept(sweep)))
+    return 0
+
+
+class SweepView:
+    """On a terminal, a live table of trials; elsewhere (logs, CI), a line per event."""
+
+    def __init__(self, sweep_id: str, sweep: dict, directory: Path):
+        self.metric = (sweep.get("metric") or {}).get("name")
+        self.goal = (sweep.get("metric") or {}).get("goal", "minimize")
+        self.params = swept(sweep)
+        self.console = console()
+        self.console.print(f"sweep {sweep_id} ({sweep['method']}) in {directory}  "
+                           f"[dim](status: python -m agent status {directory})[/]")
+        self.live = Live(console=self.console, auto_refresh=False) if self.console.is_terminal else None
+        self.last_summary = ""
+
+    def __enter__(self):
+        if self.live:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live:
+            self.live.stop()
+        self.console.print(self.last_summary)
+
+    def event(self, text: str):
+        self.console.print(text, markup=False, highlight=False)
+
+    def update(self, trials: list[Trial]):
+        self.last_summary = summary_line(trials, self.metric, self.goal, self.params)
+        if self.live:
+            recent = sorted(trials, key=lambda t: t.created)[-12:]
+            self.live.update(Group(trial_table(recent, self.metric, self.params), self.last_summary), refresh=True)

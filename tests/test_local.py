@@ -1,0 +1,165 @@
+"""The offline sweep controller, end to end: real trials, real offline runs, W&B's engine."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.local import trial_command
+from tests.conftest import REPO, agent_command
+
+FOREIGN = REPO / "tests" / "programs" / "foreign_train.py"
+
+
+def write_yaml(path: Path, sweep: dict) -> Path:
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+@pytest.fixture
+def foreign_sweep(tmp_path, offline_env) -> Path:
+    """A bayes sweep of a plain W&B program, run from tmp_path as `wandb agent` would."""
+    shutil.copy(FOREIGN, tmp_path / "foreign_train.py")
+    return write_yaml(tmp_path / "sweep.yaml", {
+        "program": "foreign_train.py", "method": "bayes", "metric": {"name": "loss", "goal": "minimize"},
+        "parameters": {"x": {"min": 0.0, "max": 1.0}}})
+
+
+def local(sweep: Path, *args: str, timeout: float = 150, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run(agent_command("local", str(sweep), *args), capture_output=True, text=True,
+                          cwd=sweep.parent, timeout=timeout, **popen)
+
+
+def status(directory: Path) -> list[dict]:
+    out = subprocess.run(agent_command("status", str(directory), "--json"), capture_output=True, text=True,
+                         check=True, timeout=60)
+    return json.loads(out.stdout)
+
+
+def run_records(run_dir: Path) -> list[dict]:
+    out = subprocess.run(["wandb", "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_trial_command_expands_wandb_macros_like_the_agent(tmp_path):
+    params = {"lr": {"value": 0.01}, "nesterov": {"value": False}, "opt": {"value": "sgd"}}
+    sweep = {"program": "train.py", "command": [
+        "${env}", "${interpreter}", "${program}", "${args_no_boolean_flags}", "${args_no_hyphens}",
+        "${args_json}", "${args_json_file}", "--fixed", "${envvar:HOME}"]}
+    assert trial_command(sweep, params, tmp_path / "a.json") == [
+        "/usr/bin/env", "python", "train.py", "--lr=0.01", "--opt=sgd", "lr=0.01", "nesterov=False", "opt=sgd",
+        '{"lr": 0.01, "nesterov": false, "opt": "sgd"}', str(tmp_path / "a.json"), "--fixed", os.environ["HOME"]]
+    assert trial_command({"program": "t.py"}, params, tmp_path / "a.json") == [
+        "/usr/bin/env", "python", "t.py", "--lr=0.01", "--nesterov=False", "--opt=sgd"]
+
+
+def test_foreign_bayes_sweep_runs_offline_on_two_workers(foreign_sweep, tmp_path):
+    out = local(foreign_sweep, "--count", "10", "--workers", "2", "--dir", "D")
+    assert out.returncode == 0, out.stdout + out.stderr
+    trials = status(tmp_path / "D")
+    assert [t["state"] for t in trials] == ["finished"] * 10
+    assert len({t["id"] for t in trials}) == 10 and all(isinstance(t["metric"], float) for t in trials)
+    [sweep_dir] = (tmp_path / "D" / "wandb").glob("sweep-*")
+    sweep_id = sweep_dir.name.removeprefix("sweep-")
+    for t in trials:
+        [run_dir] = (tmp_path / "D" / "wandb").glob(f"offline-run-*-{t['id']}")
+        records = run_records(run_dir)
+        [run] = [r["run"] for r in records if r["type"] == "run"]
+        assert run["sweep_id"] == sweep_id
+        losses = [r["history"]["item"]["loss"] for r in records if r["type"] == "history"]
+        assert losses[0] == pytest.approx((t["config"]["x"] - 0.3) ** 2 + 1.0)  # the trial ran its own config
+        assert losses[-1] == pytest.approx(t["metric"])
+
+
+def test_kill_9_then_resume_loses_and_repeats_nothing(foreign_sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLEEP", "0.4")
+    command = agent_command("local", str(foreign_sweep), "--count", "6", "--workers", "2", "--dir", "D")
+    controller = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if (tmp_path / "D" / "sweep.db").exists() and \
+                sum(t["state"] == "finished" for t in status(tmp_path / "D")) >= 2:
+            break
+    controller.send_signal(signal.SIGKILL)
+    controller.wait()
+    before = {t["id"]: t for t in status(tmp_path / "D")}
+    finished_before = {i: t for i, t in before.items() if t["state"] == "finished"}
+    assert len(finished_before) >= 2 and len(before) < 6
+
+    out = local(foreign_sweep, "--count", "6", "--workers", "2", "--dir", "D")
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = status(tmp_path / "D")
+    ids = [t["id"] for t in after]
+    assert len(ids) == len(set(ids)) == 6  # the count is the total across resumes, no id twice
+    by_id = {t["id"]: t for t in after}
+    assert all(by_id[i] == t for i, t in finished_before.items())  # kept, not rerun
+    assert {by_id[i]["state"] for i in before if i not in finished_before} <= {"crashed"}
+    assert all(t["state"] == "finished" for t in after if t["id"] not in before)
+
+
+def test_two_controllers_on_one_dir_share_the_count_without_duplicates(foreign_sweep, tmp_path):
+    command = agent_command("local", str(foreign_sweep), "--count", "6", "--dir", "D")
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    while not (tmp_path / "D" / "sweep.db").exists():
+        time.sleep(0.1)
+    second = local(foreign_sweep, "--count", "6", "--dir", "D")
+    assert first.wait(timeout=150) == 0 and second.returncode == 0, second.stdout + second.stderr
+    trials = status(tmp_path / "D")
+    assert len({t["id"] for t in trials}) == len(trials) == 6
+    assert all(t["state"] == "finished" for t in trials)
+
+
+def test_gpus_pin_one_trial_per_listed_gpu(foreign_sweep, tmp_path):
+    out = local(foreign_sweep, "--count", "2", "--gpus", "0,1", "--dir", "D")
+    assert out.returncode == 0, out.stdout + out.stderr
+    trials = status(tmp_path / "D")
+    assert sorted(t["gpu"] for t in trials) == ["0", "1"]
+    for t in trials:
+        log = (tmp_path / "D" / "logs" / f"{t['id']}.log").read_text()
+        assert f"CUDA_VISIBLE_DEVICES {t['gpu']}" in log
+
+
+def test_failures_are_recorded_and_too_many_stop_the_sweep(foreign_sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIL_ABOVE", "-1")  # every trial exits 1
+    out = local(foreign_sweep, "--count", "10", "--dir", "D", "--max-consecutive-failures", "2")
+    assert out.returncode == 1
+    assert "2 trials failed in a row" in out.stdout
+    trials = status(tmp_path / "D")
+    assert [t["state"] for t in trials] == ["failed", "failed"]
+    assert all(t["reason"].startswith("exit code 1") for t in trials)
+
+
+def test_a_misspelt_parameter_is_refused_before_any_trial(tmp_path, offline_env):
+    sweep = yaml.safe_load((REPO / "sweeps" / "bayes.yaml").read_text())
+    sweep["parameters"]["learning_rate"] = sweep["parameters"].pop("lr")
+    out = local(write_yaml(tmp_path / "bad.yaml", sweep), "--dir", "D")
+    assert out.returncode == 2 and "parameters.learning_rate: not a config key" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "D").exists()
+
+
+def test_hyperband_stops_bad_trials_of_our_program_and_each_keeps_its_best_model(tmp_path, offline_env):
+    # Good learning rates first, so the hopeless ones meet a bar at their first hyperband band.
+    sweep = write_yaml(tmp_path / "hb.yaml", {
+        "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
+        "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
+        "parameters": {"lr": {"values": [3.0e-3, 1.0e-3, 1.0e-7, 3.0e-7]}, "dataset": {"value": "synthetic"},
+                       "max_epochs": {"value": 6}, "limit_train_batches": {"value": 4},
+                       "early_stopping_patience": {"value": 10}},
+        "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]})
+    out = local(sweep, "--workers", "2", "--dir", "D", timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    trials = status(tmp_path / "D")
+    assert len(trials) == 4 and {t["state"] for t in trials} <= {"finished", "stopped"}
+    assert any(t["state"] == "stopped" for t in trials), trials
+    for t in trials:
+        [run_dir] = (tmp_path / "D" / "wandb").glob(f"offline-run-*-{t['id']}")
+        [artifact] = [r["artifact"] for r in run_records(run_dir) if r["type"] == "artifact"]
+        assert "best" in artifact["aliases"] and artifact["type"] == "model"
