@@ -4,6 +4,8 @@
   validate  check sweep YAMLs against W&B's schema and our config
   local     run a sweep YAML offline, no W&B server: trials in parallel, resumable
   status    the trial table of a local sweep (--json for scripts)
+  create    validate a sweep YAML, then create it on W&B
+  launch    start one W&B agent per GPU on this box
 """
 
 import argparse
@@ -50,6 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Print the trials of a local sweep: id, state, metric, config.")
     status.add_argument("dir", metavar="DIR")
     status.add_argument("--json", action="store_true", help="a JSON list of trials instead of a table")
+    create = commands.add_parser("create", help="validate a sweep YAML, then create the sweep on W&B",
+                                 description="Validate the YAML (an invalid one is refused before any network "
+                                             "call), create the sweep on W&B, print the launch command.")
+    create.add_argument("sweep", metavar="SWEEP.yaml")
+    create.add_argument("--project", help="W&B project (default: the YAML's, WANDB_PROJECT, or cifar10-sweeps)")
+    create.add_argument("--entity", help="W&B entity (default: your default entity)")
+
+    launch = commands.add_parser(
+        "launch", help="start one W&B agent per GPU on this box",
+        description="Start one `wandb agent` per GPU slot, pinned with CUDA_VISIBLE_DEVICES and staggered; "
+                    "restart agents that die; forward SIGINT/SIGTERM; exit when all agents are done.")
+    launch.add_argument("sweep_path", metavar="ENTITY/PROJECT/SWEEP_ID")
+    launch.add_argument("--gpus", default="all", help="all (every GPU torch sees) or a list like 0,1,3")
+    launch.add_argument("--agents-per-gpu", type=int, default=1, metavar="N")
+    launch.add_argument("--count", type=int, help="runs per agent (default: until the sweep ends)")
+    launch.add_argument("--stagger", type=float, default=10.0, metavar="SECONDS",
+                        help="pause between agent starts (default 10)")
+    launch.add_argument("--max-restarts", type=int, default=3, metavar="N",
+                        help="restarts of an agent that dies before giving up on it (default 3)")
+    launch.add_argument("--dry-run", action="store_true", help="print each agent's command line; start nothing")
     return parser
 
 
@@ -74,6 +96,16 @@ def dispatch(parser: argparse.ArgumentParser, args, rest: list[str]) -> int:
         from agent.status import status
 
         return status(args.dir, args.json)
+    if args.command == "create":
+        from agent.launch import create
+
+        return create(args.sweep, args.project, args.entity)
+    if args.command == "launch":
+        from agent.launch import Launcher
+
+        launcher = Launcher(args.sweep_path, args.gpus, args.agents_per_gpu, args.count,
+                            args.stagger, args.max_restarts)
+        return launcher.dry_run() if args.dry_run else launcher.run()
     from agent.local import LocalSweep, open_sweep
     from agent.status import SweepView
 

@@ -1,0 +1,172 @@
+"""`python -m agent create` and `python -m agent launch`: a W&B sweep across GPU boxes.
+
+create: validate the YAML (no network on failure), then `wandb.sweep`; prints the
+launch command. launch: on one box, one program-based `wandb agent` per GPU slot
+(a fresh process per run: no GPU memory carried between runs), pinned with
+CUDA_VISIBLE_DEVICES, started staggered, restarted with backoff if it dies, and
+stopped with the signals the box gets (forwarded to the runs, which checkpoint).
+"""
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from agent.errors import UsageError
+from agent.validate import load_sweep, sweep_problems
+
+SWEEP_PATH = re.compile(r"^[\w.-]+/[\w.-]+/\w+$")
+RUN_STARTED = re.compile(r"Agent Starting Run: (\w+)")
+
+
+def create(path: str, project: str | None, entity: str | None) -> int:
+    sweep = load_sweep(path)
+    problems = sweep_problems(sweep)
+    if problems:
+        raise UsageError(f"{path}: " + "; ".join(problems))
+    import wandb
+
+    project = project or sweep.get("project") or os.environ.get("WANDB_PROJECT") or "cifar10-sweeps"
+    sweep_id = wandb.sweep(sweep, project=project, entity=entity)
+    entity = entity or wandb.Api().default_entity
+    sweep_path = f"{entity}/{project}/{sweep_id}"
+    print(f"created sweep {sweep_path}")
+    print(f"on each GPU box: python -m agent launch {sweep_path} --gpus all")
+    return 0
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def parse_gpus(spec: str) -> list[str | None]:
+    """`all` -> every GPU torch sees ([None]: one CPU agent when there is none); `0,1,3` -> those."""
+    if spec == "all":
+        gpus = visible_gpus()
+        if not gpus:
+            print("launch: no GPU visible to torch; running one CPU agent", file=sys.stderr)
+        return gpus or [None]
+    gpus = [g.strip() for g in spec.split(",") if g.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus):
+        raise UsageError(f"--gpus={spec!r}: expected all or a comma-separated list of GPU indices like 0,1,3")
+    return gpus
+
+
+@dataclass
+class AgentSlot:
+    gpu: str | None
+    index: int
+    proc: subprocess.Popen | None = None
+    runs: list[str] = field(default_factory=list)
+    crashes: int = 0
+    restart_at: float = 0.0
+    done: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"gpu{self.gpu}.{self.index}" if self.gpu is not None else f"cpu.{self.index}"
+
+
+def agent_command(sweep_path: str, count: int | None) -> list[str]:
+    command = [sys.executable, "-m", "wandb", "agent", "--forward-signals"]
+    return command + (["--count", str(count)] if count else []) + [sweep_path]
+
+
+class Launcher:
+    def __init__(self, sweep_path: str, gpus: str, agents_per_gpu: int, count: int | None,
+                 stagger: float, max_restarts: int):
+        if not SWEEP_PATH.match(sweep_path):
+            raise UsageError(f"{sweep_path!r}: expected ENTITY/PROJECT/SWEEP_ID")
+        if agents_per_gpu < 1:
+            raise UsageError("--agents-per-gpu must be at least 1")
+        self.command = agent_command(sweep_path, count)
+        self.slots = [AgentSlot(gpu, i) for gpu in parse_gpus(gpus) for i in range(agents_per_gpu)]
+        self.stagger, self.max_restarts = stagger, max_restarts
+        self.stopping = False
+        self.lock = threading.Lock()
+
+    def env(self, slot: AgentSlot) -> dict:
+        env = dict(os.environ)
+        if slot.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot.gpu
+        return env
+
+    def dry_run(self) -> int:
+        for slot in self.slots:
+            prefix = f"CUDA_VISIBLE_DEVICES={slot.gpu} " if slot.gpu is not None else ""
+            print(prefix + shlex.join(self.command))
+        return 0
+
+    def start(self, slot: AgentSlot):
+        slot.proc = subprocess.Popen(self.command, env=self.env(slot), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
+        threading.Thread(target=self._relay, args=(slot, slot.proc), daemon=True).start()
+
+    def _relay(self, slot: AgentSlot, proc: subprocess.Popen):
+        for line in proc.stdout:
+            match = RUN_STARTED.search(line)
+            if match:
+                slot.runs.append(match.group(1))
+            with self.lock:
+                sys.stdout.write(f"[{slot.name}] {line}")
+                sys.stdout.flush()
+
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self._forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for i, slot in enumerate(self.slots):
+                if self.stopping:
+                    break
+                if i:  # staggered: agents asking at once would be handed the same first config
+                    time.sleep(self.stagger)
+                self.start(slot)
+            while not all(s.done or s.proc is None for s in self.slots):
+                self.supervise()
+                time.sleep(0.2)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return self.summary()
+
+    def supervise(self):
+        for slot in self.slots:
+            if slot.done or slot.proc is None:
+                continue
+            code = slot.proc.poll()
+            if code is None or time.time() < slot.restart_at:
+                continue
+            if code == 0 or self.stopping:  # sweep finished, stopped, cancelled, or count reached
+                slot.done = True
+            elif slot.restart_at == 0.0:  # just died: schedule a restart with backoff
+                slot.crashes += 1
+                if slot.crashes > self.max_restarts:
+                    print(f"launch: {slot.name} agent exited {code} {slot.crashes} times; giving up on it",
+                          file=sys.stderr)
+                    slot.done = True
+                else:
+                    delay = min(60.0, 2.0 ** slot.crashes)
+                    print(f"launch: {slot.name} agent exited {code}; restarting in {delay:.0f}s", file=sys.stderr)
+                    slot.restart_at = time.time() + delay
+            else:
+                slot.restart_at = 0.0
+                self.start(slot)
+
+    def _forward(self, signum, frame):
+        self.stopping = True
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                slot.proc.send_signal(signum)
+
+    def summary(self) -> int:
+        print("launch: summary")
+        for slot in self.slots:
+            state = "gave up" if slot.crashes > self.max_restarts else "done"
+            print(f"  {slot.name}: {len(slot.runs)} runs, {slot.crashes} agent failures, {state}")
+        return 1 if any(s.crashes > self.max_restarts for s in self.slots) else 0
