@@ -11,7 +11,7 @@
 import argparse
 import sys
 
-from agent.errors import UsageError
+from agent.errors import RunPreempted, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"agent {args.command}: {e}", file=sys.stderr)
         return 2
+    except RunPreempted as e:
+        print(f"agent {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
 

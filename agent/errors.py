@@ -7,6 +7,12 @@ class UsageError(Exception):
     """Bad input from the user (flag, file, value); exits 2 with its message."""
 
 
+class RunPreempted(Exception):
+    """The run saved its state on SIGTERM and must exit non-zero so that W&B requeues it."""
+
+    exit_code = 143  # 128 + SIGTERM: what a scheduler expects of a job it terminated
+
+
 def describe_validation_error(error: ValidationError) -> str:
     """pydantic's multi-line report as one line: `key=value: what is allowed; ...`."""
     parts = []

@@ -194,7 +194,9 @@ class LocalSweep:
             args_json_file.write_text(json.dumps(trial.config))
         # wandb-core writes the run log every 15 s by default: too late for hyperband decisions.
         env = dict({"WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0.5"}, **os.environ)
-        env.update(WANDB_SWEEP_ID=self.sweep_id, WANDB_RUN_ID=trial.id, WANDB_MODE="offline",
+        # AGENT_SIGTERM=stop: our program takes SIGTERM as an early stop (test, log best, exit 0),
+        # not as a preemption to be requeued; it saves its resumable state either way.
+        env.update(WANDB_SWEEP_ID=self.sweep_id, WANDB_RUN_ID=trial.id, WANDB_MODE="offline", AGENT_SIGTERM="stop",
                    WANDB_SWEEP_PARAM_PATH=str(param_path), WANDB_DIR=str(self.root))
         if self.sweep.get("project"):
             env["WANDB_PROJECT"] = self.sweep["project"]

@@ -10,7 +10,7 @@ import os
 import wandb
 from pydantic import ValidationError
 
-from agent.errors import UsageError, describe_validation_error
+from agent.errors import RunPreempted, UsageError, describe_validation_error
 from cifar_core.config import TrainConfig
 
 
@@ -50,14 +50,22 @@ def config_help() -> str:
 
 def run(argv: list[str]) -> dict:
     config = make_config(parse_flags(argv))  # fail before any run exists
+    # resume="allow": a requeued (preempted) sweep run comes back under its own id and continues
     run = wandb.init(project=os.environ.get("WANDB_PROJECT") or config.project,
-                     config=config.model_dump(), job_type="train")
+                     config=config.model_dump(), job_type="train", resume="allow")
     try:
         # Under a sweep the run's config holds the sweep's values; validate what will train.
         config = make_config(dict(run.config))
-        from cifar_core.train import train  # torch/lightning import only once the input is valid
+    except UsageError:
+        run.finish(exit_code=2)
+        raise
+    from cifar_core.train import Preempted, train  # torch and lightning load only for valid input
 
+    try:
         result = train(config)
+    except Preempted as e:
+        run.finish(exit_code=RunPreempted.exit_code)
+        raise RunPreempted(str(e)) from None
     except BaseException:
         run.finish(exit_code=1)
         raise

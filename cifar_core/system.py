@@ -1,6 +1,9 @@
 """The LightningModule: loss, metrics and optimiser around a model from model.py."""
 
+import random
+
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
@@ -41,6 +44,28 @@ class ImageClassifier(pl.LightningModule):
         self.log("val_acc", self.val_acc, prog_bar=True)
 
     # No test_step: the one test pass is cifar_core.evaluate, which a SIGTERM cannot abort.
+
+    # Every checkpoint carries the RNG states, so a resumed run draws the same shuffles and
+    # augmentations it would have drawn; stored as tensors/tuples so weights_only loading accepts them.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        random.setstate(states["python"])
 
     def configure_optimizers(self):
         hp = self.hparams

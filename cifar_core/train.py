@@ -3,15 +3,18 @@
 Fits with EarlyStopping and ModelCheckpoint on `config.monitor`, tests the best
 checkpoint once, and logs it as the W&B artifact `model-<run id>` (aliases
 `best`, `latest`). Uses the active W&B run when there is one (the agent's, so a
-sweep's values stay locked), else starts one with the config.
+sweep's values stay locked), else starts one with the config. Resumes from an
+earlier attempt's checkpoint when the run id has one (see checkpoints.py).
+
+On SIGTERM: with AGENT_SIGTERM=stop (the local controller's early stop) it tests
+and logs the best checkpoint and returns; otherwise (a scheduler's preemption)
+it logs the saved training state as `resume-<run id>`, marks the run preempting
+and raises Preempted, so that W&B requeues it.
 """
 
 import os
 import re
-import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,10 +25,16 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_core.callbacks import ImagePredictionLogger
+from cifar_core.checkpoints import (PreemptionCheckpoint, SigtermRecorder, checkpoint_dir, find_resume_checkpoint,
+                                    log_model_artifact, log_resume_artifact)
 from cifar_core.config import TrainConfig
 from cifar_core.data import CIFAR10DataModule
 from cifar_core.evaluate import evaluate
 from cifar_core.system import ImageClassifier
+
+
+class Preempted(Exception):
+    """SIGTERM from a scheduler: the state is saved and logged; exit non-zero so W&B requeues the run."""
 
 
 def build_datamodule(config: TrainConfig) -> CIFAR10DataModule:
@@ -40,52 +49,6 @@ def build_system(config: TrainConfig, num_classes: int = 10) -> ImageClassifier:
                            momentum=config.momentum, nesterov=config.nesterov)
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def log_model_artifact(run, path: Path, score: float | None, epoch: int, config: TrainConfig) -> wandb.Artifact:
-    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={
-        config.monitor: score,
-        "monitor": config.monitor,
-        "epoch": epoch,
-        "config": config.model_dump(),
-        "git_commit": git_commit(),
-    })
-    # "immutable": referenced where it lies, inside the run's directory, instead of being
-    # copied to ~/.local/share/wandb staging, so a copied run directory still syncs.
-    artifact.add_file(str(path), name="model.ckpt", policy="immutable")
-    run.log_artifact(artifact, aliases=["best", "latest"])
-    return artifact
-
-
-class SigtermRecorder:
-    """Turns SIGTERM into a flag for the whole run. During fit Lightning chains this handler to
-    its own, which ends fit at the next batch; afterwards a SIGTERM no longer kills the process
-    before the best checkpoint is tested and logged."""
-
-    def __init__(self):
-        self.received = False
-
-    def __enter__(self):
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._record)
-        return self
-
-    def _record(self, signum, frame):
-        self.received = True
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-
 def train(config: TrainConfig) -> dict:
     pl.seed_everything(config.seed, workers=True, verbose=False)
     owns_run = wandb.run is None
@@ -94,33 +57,38 @@ def train(config: TrainConfig) -> dict:
     datamodule = build_datamodule(config)
     system = build_system(config, num_classes=len(datamodule.classes))
     mode = config.monitor_mode
-    checkpoint = ModelCheckpoint(dirpath=Path(run.dir).parent / "checkpoints", filename="epoch={epoch}",
-                                 auto_insert_metric_name=False, monitor=config.monitor, mode=mode,
-                                 save_top_k=1, save_last=True)
+    ckpt_dir = checkpoint_dir(run)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch={epoch}", auto_insert_metric_name=False,
+                                 monitor=config.monitor, mode=mode, save_top_k=1, save_last=True)
     early_stopping = EarlyStopping(monitor=config.monitor, mode=mode, patience=config.early_stopping_patience)
     trainer = pl.Trainer(
         max_epochs=config.max_epochs,
         limit_train_batches=config.train_batches,
         logger=WandbLogger(experiment=run),
-        callbacks=[early_stopping, checkpoint, ImagePredictionLogger()],
+        callbacks=[early_stopping, checkpoint, ImagePredictionLogger(), PreemptionCheckpoint(ckpt_dir / "preempt.ckpt")],
         accelerator="auto",
         devices=1,
         log_every_n_steps=10,
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
     )
+    resume_from = find_resume_checkpoint(run)
     with SigtermRecorder() as sigterm:
         try:
-            trainer.fit(system, datamodule=datamodule)
-        except SIGTERMException:  # a sweep's early stop or a scheduler: keep what was learnt
-            pass
+            trainer.fit(system, datamodule=datamodule, ckpt_path=resume_from)
+        except SIGTERMException:
+            if os.environ.get("AGENT_SIGTERM") != "stop":
+                log_resume_artifact(run, ckpt_dir / "preempt.ckpt")
+                run.mark_preempting()
+                raise Preempted(f"preempted at epoch {trainer.current_epoch}; state saved") from None
         if checkpoint.best_model_path:
             best = Path(checkpoint.best_model_path)
             epoch = int(re.search(r"epoch=(\d+)", best.name).group(1))
-            score = float(checkpoint.best_model_score)
+            # None after a resume into a new run directory: Lightning then reloads only the path
+            score = None if checkpoint.best_model_score is None else float(checkpoint.best_model_score)
             system.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
         else:  # stopped before the first validation: the current weights are all there is
-            best, epoch, score = Path(checkpoint.dirpath) / "interrupted.ckpt", trainer.current_epoch, None
+            best, epoch, score = ckpt_dir / "interrupted.ckpt", trainer.current_epoch, None
             trainer.save_checkpoint(best)
         test = evaluate(system.net.to(trainer.strategy.root_device), *datamodule.test_set)
         test.pop("per_class_acc")
@@ -130,9 +98,10 @@ def train(config: TrainConfig) -> dict:
         "run_id": run.id,
         "test_acc": test["test_acc"],
         "test_loss": test["test_loss"],
-        f"best_{config.monitor}": artifact.metadata[config.monitor],
-        "best_epoch": artifact.metadata["epoch"],
+        f"best_{config.monitor}": score,
+        "best_epoch": epoch,
         "epochs": trainer.current_epoch,
+        "resumed_from": str(resume_from) if resume_from else None,
         "stopped_early": early_stopping.stopped_epoch > 0,
         "interrupted": sigterm.received,
         "best_checkpoint": str(best),
