@@ -100,6 +100,7 @@ class LocalSweep:
         self.controller = generate_id(12)
         self.procs: dict[str, tuple[subprocess.Popen, RunLogReader | None, float | None]] = {}
         self.to_retry: list[str] = []
+        self.earlier_logs: dict[str, Path | None] = {}
         self.exhausted = self.stopping = self.interrupted = False
         self.consecutive_failures = 0
         self.failure_message = ""
@@ -221,6 +222,8 @@ class LocalSweep:
         self.store.update(trial.id, state="running", pid=proc.pid, slot=device, started=time.time())
         self.procs[trial.id] = (proc, None, None)
         self.slot_trials[slot] = trial.id
+        # a retried trial reuses its run id: its earlier attempt's log is not this attempt's
+        self.earlier_logs[trial.id] = find_run_file(self.root, trial.id)
         self.view.event(f"{trial.id} started: {' '.join(command)}")
 
     def poll_trials(self):
@@ -242,7 +245,7 @@ class LocalSweep:
 
     def _reader(self, trial_id: str) -> RunLogReader | None:
         path = find_run_file(self.root, trial_id)
-        return None if path is None else RunLogReader(path)
+        return None if path in (None, self.earlier_logs.get(trial_id)) else RunLogReader(path)
 
     def _record_metrics(self, trial_id: str, reader: RunLogReader):
         values = [row[self.metric] for row in reader.poll() if self.metric in row]

@@ -101,8 +101,19 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(foreign_sweep, tmp_path, m
     assert len(ids) == len(set(ids)) == 6  # the count is the total across resumes, no id twice
     by_id = {t["id"]: t for t in after}
     assert all(by_id[i] == t for i, t in finished_before.items())  # kept, not rerun
-    assert {by_id[i]["state"] for i in before if i not in finished_before} <= {"crashed"}
+    crashed = {i for i in before if i not in finished_before}
+    assert {by_id[i]["state"] for i in crashed} == {"crashed"}
     assert all(t["state"] == "finished" for t in after if t["id"] not in before)
+
+    retried = local(foreign_sweep, "--count", "6", "--dir", "D", "--retry-crashed")
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    final = {t["id"]: t for t in status(tmp_path / "D")}
+    assert set(final) == set(by_id) and all(t["state"] == "finished" for t in final.values())
+    for trial_id in crashed:  # rerun under its own run id, with its own config
+        assert final[trial_id]["config"] == by_id[trial_id]["config"]
+        [*_, newest] = sorted((tmp_path / "D" / "wandb").glob(f"offline-run-*-{trial_id}"))
+        losses = [r["history"]["item"]["loss"] for r in run_records(newest) if r["type"] == "history"]
+        assert len(losses) == 3 and losses[-1] == pytest.approx(final[trial_id]["metric"])
 
 
 def test_two_controllers_on_one_dir_share_the_count_without_duplicates(foreign_sweep, tmp_path):
