@@ -22,6 +22,7 @@ from agent.validate import load_sweep, sweep_problems
 
 SWEEP_PATH = re.compile(r"^[\w.-]+/[\w.-]+/\w+$")
 RUN_STARTED = re.compile(r"Agent Starting Run: (\w+)")
+BACKOFF_BASE, BACKOFF_MAX = 2.0, 60.0  # seconds before restarting a dead agent: base ** crashes, capped
 
 
 def create(path: str, project: str | None, entity: str | None) -> int:
@@ -41,9 +42,12 @@ def create(path: str, project: str | None, entity: str | None) -> int:
 
 
 def visible_gpus() -> list[str]:
+    """The GPUs this process may use, named as CUDA_VISIBLE_DEVICES names them (a SLURM job's 2,3)."""
     import torch
 
-    return [str(i) for i in range(torch.cuda.device_count())]
+    count = torch.cuda.device_count()
+    inherited = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return inherited[:count] if inherited else [str(i) for i in range(count)]
 
 
 def parse_gpus(spec: str) -> list[str | None]:
@@ -89,7 +93,8 @@ class Launcher:
         self.command = agent_command(sweep_path, count)
         self.slots = [AgentSlot(gpu, i) for gpu in parse_gpus(gpus) for i in range(agents_per_gpu)]
         self.stagger, self.max_restarts = stagger, max_restarts
-        self.stopping = False
+        self.stopped_by: int | None = None  # the signal that stopped the launcher
+        self.relays: list[threading.Thread] = []
         self.lock = threading.Lock()
 
     def env(self, slot: AgentSlot) -> dict:
@@ -105,9 +110,14 @@ class Launcher:
         return 0
 
     def start(self, slot: AgentSlot):
+        # Own session: a terminal's Ctrl-C reaches the agents once, through _forward, not twice
+        # (wandb agent takes a second signal as "kill the runs now").
         slot.proc = subprocess.Popen(self.command, env=self.env(slot), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
-        threading.Thread(target=self._relay, args=(slot, slot.proc), daemon=True).start()
+                                     stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+                                     start_new_session=True)
+        relay = threading.Thread(target=self._relay, args=(slot, slot.proc), daemon=True)
+        relay.start()
+        self.relays.append(relay)
 
     def _relay(self, slot: AgentSlot, proc: subprocess.Popen):
         for line in proc.stdout:
@@ -122,7 +132,7 @@ class Launcher:
         previous = {s: signal.signal(s, self._forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for i, slot in enumerate(self.slots):
-                if self.stopping:
+                if self.stopped_by:
                     break
                 if i:  # staggered: agents asking at once would be handed the same first config
                     time.sleep(self.stagger)
@@ -140,10 +150,12 @@ class Launcher:
             if slot.done or slot.proc is None:
                 continue
             code = slot.proc.poll()
-            if code is None or time.time() < slot.restart_at:
+            if code is None:
                 continue
-            if code == 0 or self.stopping:  # sweep finished, stopped, cancelled, or count reached
+            if code == 0 or self.stopped_by:  # sweep finished, stopped, cancelled, count reached; or us
                 slot.done = True
+            elif time.time() < slot.restart_at:
+                continue
             elif slot.restart_at == 0.0:  # just died: schedule a restart with backoff
                 slot.crashes += 1
                 if slot.crashes > self.max_restarts:
@@ -151,7 +163,7 @@ class Launcher:
                           file=sys.stderr)
                     slot.done = True
                 else:
-                    delay = min(60.0, 2.0 ** slot.crashes)
+                    delay = min(BACKOFF_MAX, BACKOFF_BASE ** slot.crashes)
                     print(f"launch: {slot.name} agent exited {code}; restarting in {delay:.0f}s", file=sys.stderr)
                     slot.restart_at = time.time() + delay
             else:
@@ -159,14 +171,18 @@ class Launcher:
                 self.start(slot)
 
     def _forward(self, signum, frame):
-        self.stopping = True
+        self.stopped_by = signum
         for slot in self.slots:
             if slot.proc is not None and slot.proc.poll() is None:
                 slot.proc.send_signal(signum)
 
     def summary(self) -> int:
+        for relay in self.relays:  # the last lines, and the run counts they carry
+            relay.join(timeout=5)
         print("launch: summary")
         for slot in self.slots:
             state = "gave up" if slot.crashes > self.max_restarts else "done"
             print(f"  {slot.name}: {len(slot.runs)} runs, {slot.crashes} agent failures, {state}")
+        if self.stopped_by:  # a scheduler must see a stopped job, not a completed one
+            return 128 + self.stopped_by
         return 1 if any(s.crashes > self.max_restarts for s in self.slots) else 0

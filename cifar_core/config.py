@@ -27,8 +27,12 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0)  # data lives in memory as tensors: workers rarely help
 
     # model
-    model: Literal["seed_cnn"] = "seed_cnn"
+    model: Literal["seed_cnn", "resnet9"] = "seed_cnn"  # resnet9: the fast residual net with batch norm
+    width: int = Field(64, ge=4)  # resnet9's first-stage channels (64: the original; 16: CPU)
     dropout: float = Field(0.0, ge=0, lt=1)  # before each hidden fc layer; the seed had none
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"  # Lightning's; mixed pays on GPUs
+    channels_last: bool = False  # NHWC memory layout: faster convolutions on tensor cores
+    compile: bool = False  # torch.compile the network: slower start, faster steps
 
     # optimisation
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -36,6 +40,8 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     nesterov: bool = False  # sgd only
+    schedule: Literal["constant", "onecycle", "warmup_cosine"] = "constant"  # lr over the run's steps
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
     batch_size: int = Field(32, ge=1)
     max_epochs: int = Field(2, ge=1)
     # <= 1: a fraction of the epoch; > 1: a number of batches. Not int-vs-float as in Lightning:
@@ -49,6 +55,11 @@ class TrainConfig(BaseModel):
     # run
     seed: int = 0
     project: str = "cifar10-sweeps"  # W&B project when not set by a sweep or WANDB_PROJECT
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, v):
+        return str(v)  # a YAML `32` is an int
 
     @field_validator("limit_train_batches")
     @classmethod

@@ -44,9 +44,14 @@ def build_datamodule(config: TrainConfig) -> CIFAR10DataModule:
 
 
 def build_system(config: TrainConfig, num_classes: int = 10) -> ImageClassifier:
-    return ImageClassifier(model=config.model, num_classes=num_classes, dropout=config.dropout,
-                           optimizer=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
-                           momentum=config.momentum, nesterov=config.nesterov)
+    system = ImageClassifier(model=config.model, num_classes=num_classes, dropout=config.dropout,
+                             width=config.width, optimizer=config.optimizer, lr=config.lr,
+                             weight_decay=config.weight_decay, momentum=config.momentum, nesterov=config.nesterov,
+                             schedule=config.schedule, label_smoothing=config.label_smoothing,
+                             channels_last=config.channels_last)
+    if config.compile:
+        system.net = torch.compile(system.net)
+    return system
 
 
 def train(config: TrainConfig) -> dict:
@@ -68,6 +73,8 @@ def train(config: TrainConfig) -> dict:
         callbacks=[early_stopping, checkpoint, ImagePredictionLogger(), PreemptionCheckpoint(ckpt_dir / "preempt.ckpt")],
         accelerator="auto",
         devices=1,
+        precision=config.precision,
+        num_sanity_val_steps=0,  # the first real validation comes soon enough; startup is per trial
         log_every_n_steps=10,
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,

@@ -71,3 +71,18 @@ def test_downloads_only_when_the_batches_are_absent(tmp_path, cifar_dir, mocker)
     CIFAR10DataModule(data_dir=str(tmp_path)).prepare_data()
     download.assert_called_once()
     assert download.call_args.kwargs["md5"] == "c58f30108f718f92721af3b95e74349a"
+
+
+def test_a_decoded_cache_beside_the_batches_loads_the_same_data_and_follows_changes(tmp_path):
+    root = write_cifar(tmp_path)
+    batches = root / "cifar-10-batches-py"
+    first = setup_dm(root)
+    assert (batches / "cifar10-uint8.npy").is_file()
+    cached = setup_dm(root)
+    for a, b in zip((*first.train_set, *first.test_set), (*cached.train_set, *cached.test_set)):
+        assert torch.equal(a, b)
+    write_cifar(tmp_path, seed=1)  # new batch files: the cache is stale and must be rebuilt
+    import os
+    stale = (batches / "cifar10-uint8.npy").stat().st_mtime - 10
+    os.utime(batches / "cifar10-uint8.npy", (stale, stale))
+    assert not torch.equal(setup_dm(root).test_set[0], first.test_set[0])

@@ -1,0 +1,319 @@
+"""`python -m agent create` and `python -m agent launch`, without W&B or GPUs.
+
+The launcher's agents are real processes: `agent.launch.agent_command` is swapped
+for a small Python script that behaves like `wandb agent` as far as the launcher
+can tell (prints `Agent Starting Run: ...`, exits, crashes, traps signals).
+No network: `wandb.sweep`/`wandb.Api` are mocked, and the invalid-YAML path must
+fail before W&B is even imported.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import agent.launch as launch
+from agent.__main__ import main
+from tests.conftest import REPO
+
+SWEEP = "ent/proj/abc123"
+
+# What every fake agent starts with: its GPU (or "none") and the folder it may leave marker files in.
+PRELUDE = """\
+import os, signal, sys, time
+from pathlib import Path
+gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "none")
+here = Path(__file__).parent
+"""
+
+# A successful agent: one run, then the sweep is over. The pause lets the launcher's relay
+# read the line before the process is seen to have exited (as with a real agent).
+ONE_RUN = """\
+print(f"Agent Starting Run: r{gpu} with config:", flush=True)
+time.sleep(0.3)
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_gpus(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def fake_agent(monkeypatch, tmp_path: Path, body: str) -> Path:
+    """Makes every agent the launcher starts `python tmp_path/fake_agent.py`."""
+    script = tmp_path / "fake_agent.py"
+    script.write_text(PRELUDE + textwrap.dedent(body))
+    monkeypatch.setattr(launch, "agent_command", lambda sweep_path, count: [sys.executable, str(script)])
+    return script
+
+
+def launch_args(*extra: str) -> list[str]:
+    return ["launch", SWEEP, "--stagger", "0", *extra]
+
+
+# --- GPU slots -----------------------------------------------------------------------------------
+
+def test_dry_run_gpus_all_gives_one_agent_per_visible_gpu(mocker, capsys):
+    mocker.patch("agent.launch.visible_gpus", return_value=["0", "1", "2", "3"])
+    assert main(launch_args("--gpus", "all", "--dry-run")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4
+    for gpu, line in enumerate(lines):
+        assert line.startswith(f"CUDA_VISIBLE_DEVICES={gpu} ")
+        assert line.endswith(f" -m wandb agent --forward-signals {SWEEP}")
+
+
+def test_run_gpus_all_pins_one_real_agent_per_gpu(mocker, monkeypatch, tmp_path, capsys):
+    mocker.patch("agent.launch.visible_gpus", return_value=["0", "1", "2", "3"])
+    fake_agent(monkeypatch, tmp_path, ONE_RUN)
+    assert main(launch_args("--gpus", "all")) == 0
+    out = capsys.readouterr().out
+    for gpu in "0123":
+        # the run name comes from the agent's own CUDA_VISIBLE_DEVICES: each was pinned to its GPU
+        assert f"[gpu{gpu}.0] Agent Starting Run: r{gpu} with config:" in out
+        assert f"  gpu{gpu}.0: 1 runs, 0 agent failures, done" in out
+    assert "gpu4" not in out
+
+
+def test_agents_per_gpu_and_count(mocker, capsys):
+    mocker.patch("agent.launch.visible_gpus", return_value=["0", "1"])
+    assert main(launch_args("--agents-per-gpu", "2", "--count", "5", "--dry-run")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["CUDA_VISIBLE_DEVICES=0"] * 2 + ["CUDA_VISIBLE_DEVICES=1"] * 2
+    assert all(line.endswith(f"agent --forward-signals --count 5 {SWEEP}") for line in lines)
+
+
+def test_no_gpu_means_one_cpu_agent_without_cuda_visible_devices(mocker, monkeypatch, tmp_path, capsys):
+    mocker.patch("agent.launch.visible_gpus", return_value=[])
+    assert main(launch_args("--gpus", "all", "--dry-run")) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"{sys.executable} -m wandb agent --forward-signals {SWEEP}"]
+    assert "no GPU visible" in captured.err and "one CPU agent" in captured.err
+
+    fake_agent(monkeypatch, tmp_path, ONE_RUN)
+    assert main(launch_args("--gpus", "all")) == 0
+    captured = capsys.readouterr()
+    assert "[cpu.0] Agent Starting Run: rnone with config:" in captured.out  # no CUDA_VISIBLE_DEVICES
+    assert "  cpu.0: 1 runs, 0 agent failures, done" in captured.out
+    assert "one CPU agent" in captured.err
+
+
+def test_cli_dry_run_with_gpu_list_works_without_gpus():
+    """The real CLI from the repo root, on this GPU-less machine: the list is taken as given."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    out = subprocess.run([sys.executable, "-m", "agent", "launch", SWEEP, "--gpus", "0,1,2,3", "--dry-run"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 4
+    for gpu, line in enumerate(lines):
+        assert line == f"CUDA_VISIBLE_DEVICES={gpu} {sys.executable} -m wandb agent --forward-signals {SWEEP}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["launch", "proj/abc123"], "expected ENTITY/PROJECT/SWEEP_ID"),
+    (["launch", SWEEP, "--gpus", "0,x"], "--gpus='0,x'"),
+    (["launch", SWEEP, "--gpus", ","], "--gpus=','"),
+    (["launch", SWEEP, "--agents-per-gpu", "0"], "--agents-per-gpu must be at least 1"),
+])
+def test_bad_launch_arguments_exit_2_with_one_line(args, message, capsys):
+    assert main([*args, "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err
+
+
+# --- restarts ------------------------------------------------------------------------------------
+
+CRASH_ONCE = """\
+with open(here / "starts", "a") as f:
+    f.write("start\\n")
+marker = here / f"crashed-{gpu}"
+if not marker.exists():
+    marker.touch()
+    print("agent: something broke", flush=True)
+    sys.exit(1)
+""" + ONE_RUN
+
+ALWAYS_CRASH = """\
+with open(here / "starts", "a") as f:
+    f.write("start\\n")
+print("agent: something broke", flush=True)
+sys.exit(1)
+"""
+
+
+def test_agent_that_crashes_once_is_restarted_after_backoff(monkeypatch, tmp_path, capsys):
+    fake_agent(monkeypatch, tmp_path, CRASH_ONCE)
+    monkeypatch.setattr("agent.launch.BACKOFF_BASE", 1.5)
+    started = time.monotonic()
+    assert main(launch_args("--gpus", "0", "--max-restarts", "1")) == 0
+    elapsed = time.monotonic() - started
+    captured = capsys.readouterr()
+    assert (tmp_path / "starts").read_text().count("start") == 2
+    assert "launch: gpu0.0 agent exited 1; restarting in 2s" in captured.err  # 1.5 s, rounded
+    assert "  gpu0.0: 1 runs, 1 agent failures, done" in captured.out
+    assert 1.4 <= elapsed < 10  # the backoff was waited: BACKOFF_BASE ** 1 s
+
+
+def test_agent_that_always_crashes_is_given_up_after_max_restarts(monkeypatch, tmp_path, capsys):
+    fake_agent(monkeypatch, tmp_path, ALWAYS_CRASH)
+    monkeypatch.setattr("agent.launch.BACKOFF_BASE", 1.5)
+    assert main(launch_args("--gpus", "0", "--max-restarts", "1")) == 1
+    captured = capsys.readouterr()
+    assert (tmp_path / "starts").read_text().count("start") == 2  # the first start and one restart
+    assert "restarting in 2s" in captured.err  # 1.5 s, rounded
+    assert "launch: gpu0.0 agent exited 1 2 times; giving up on it" in captured.err
+    assert "  gpu0.0: 0 runs, 2 agent failures, gave up" in captured.out
+
+
+def test_max_restarts_zero_gives_up_at_once(monkeypatch, tmp_path, capsys):
+    fake_agent(monkeypatch, tmp_path, ALWAYS_CRASH)
+    assert main(launch_args("--gpus", "0,1", "--max-restarts", "0")) == 1
+    captured = capsys.readouterr()
+    assert (tmp_path / "starts").read_text().count("start") == 2  # one per GPU, no restart
+    assert "restarting" not in captured.err
+    assert "  gpu0.0: 0 runs, 1 agent failures, gave up" in captured.out
+    assert "  gpu1.0: 0 runs, 1 agent failures, gave up" in captured.out
+
+
+# --- signals -------------------------------------------------------------------------------------
+
+# An agent that reports itself up, then waits to be stopped; it records the signal it got.
+TRAPPING_AGENT = PRELUDE + """\
+def stop(signum, frame):
+    (here / f"got-{signal.Signals(signum).name}-{gpu}").touch()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+(here / f"started-{gpu}").touch()
+time.sleep(30)  # a safety net: never outlive the test for long
+sys.exit(3)
+"""
+
+# The real CLI, with agent_command pointed at the trapping agent.
+LAUNCHER = """\
+import sys
+sys.path.insert(0, {repo!r})
+import agent.launch
+agent.launch.agent_command = lambda sweep_path, count: [sys.executable, {agent!r}]
+from agent.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def wait_for(paths: list[Path], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(p.exists() for p in paths):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_launcher_reaches_every_agent(signum, tmp_path):
+    agent_script = tmp_path / "trapping_agent.py"
+    agent_script.write_text(TRAPPING_AGENT)
+    wrapper = tmp_path / "launcher.py"
+    wrapper.write_text(LAUNCHER.format(repo=str(REPO), agent=str(agent_script)))
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(wrapper), "launch", "e/p/abc123", "--gpus", "0,1",
+                                 "--stagger", "0"], cwd=tmp_path, env=env, stdout=out, stderr=err)
+        try:
+            assert wait_for([tmp_path / "started-0", tmp_path / "started-1"], timeout=30), \
+                (tmp_path / "err").read_text()
+            proc.send_signal(signum)
+            assert proc.wait(timeout=10) == 128 + signum  # a scheduler sees a stopped job
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    name = signal.Signals(signum).name
+    assert (tmp_path / f"got-{name}-0").exists() and (tmp_path / f"got-{name}-1").exists()
+    summary = (tmp_path / "out").read_text()
+    assert "launch: summary" in summary
+    assert "  gpu0.0: 0 runs, 0 agent failures, done" in summary
+    assert "  gpu1.0: 0 runs, 0 agent failures, done" in summary
+
+
+# --- create --------------------------------------------------------------------------------------
+
+BAYES = REPO / "sweeps" / "bayes.yaml"
+
+
+@pytest.fixture
+def wandb_mocks(mocker, monkeypatch):
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    sweep = mocker.patch("wandb.sweep", return_value="abc123")
+    api = mocker.patch("wandb.Api")
+    api.return_value.default_entity = "ent"
+    return sweep, api
+
+
+def test_create_sends_the_validated_sweep_and_prints_the_launch_command(wandb_mocks, capsys):
+    sweep, api = wandb_mocks
+    assert main(["create", str(BAYES), "--project", "proj"]) == 0
+    sweep.assert_called_once_with(yaml.safe_load(BAYES.read_text()), project="proj", entity=None)
+    out = capsys.readouterr().out
+    assert "created sweep ent/proj/abc123" in out
+    assert "python -m agent launch ent/proj/abc123 --gpus all" in out
+
+
+def test_create_defaults_project_and_uses_a_given_entity(wandb_mocks, capsys):
+    sweep, api = wandb_mocks
+    assert main(["create", str(BAYES), "--entity", "team"]) == 0
+    sweep.assert_called_once_with(yaml.safe_load(BAYES.read_text()), project="cifar10-sweeps", entity="team")
+    api.assert_not_called()  # the entity was given: no need to ask W&B for the default one
+    assert "python -m agent launch team/cifar10-sweeps/abc123 --gpus all" in capsys.readouterr().out
+
+
+@pytest.fixture
+def typo_sweep(tmp_path) -> Path:
+    """bayes.yaml with `lr` misspelt `learnin_rate`."""
+    sweep = yaml.safe_load(BAYES.read_text())
+    sweep["parameters"] = {("learnin_rate" if k == "lr" else k): v for k, v in sweep["parameters"].items()}
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def test_create_refuses_an_invalid_sweep_before_calling_wandb(wandb_mocks, typo_sweep, capsys):
+    sweep, api = wandb_mocks
+    assert main(["create", str(typo_sweep)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "learnin_rate" in captured.err and "Traceback" not in captured.err
+    sweep.assert_not_called()
+    api.assert_not_called()
+
+
+def test_cli_create_refuses_an_invalid_sweep_offline(typo_sweep, tmp_path):
+    """The real CLI, WANDB_MODE unset and no network: exits 2 at once, W&B never even imported
+    (a `wandb` package ahead on the path records any import and fails it)."""
+    poison = tmp_path / "poison" / "wandb"
+    poison.mkdir(parents=True)
+    (poison / "__init__.py").write_text(f"open({str(tmp_path / 'wandb-imported')!r}, 'w').close()\n"
+                                        "raise ImportError('wandb imported')\n")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env["PYTHONPATH"] = str(poison.parent)
+    out = subprocess.run([sys.executable, "-m", "agent", "create", str(typo_sweep)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "learnin_rate" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "wandb-imported").exists()
+
+
+def test_all_means_the_gpus_this_job_was_given(monkeypatch, capsys):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    assert main(launch_args("--gpus", "all", "--dry-run")) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [
+        "CUDA_VISIBLE_DEVICES=2", "CUDA_VISIBLE_DEVICES=3"]
