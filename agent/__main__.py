@@ -6,6 +6,8 @@
   status    the trial table of a local sweep (--json for scripts)
   create    validate a sweep YAML, then create it on W&B
   launch    start one W&B agent per GPU on this box
+  report    compare a sweep's trials: DIR/report.html for a local sweep, a table for a W&B one
+  best      the best trial: its run command, checkpoint, --evaluate, --export TorchScript
 """
 
 import argparse
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--retry-crashed", action="store_true", help="rerun trials whose controller died")
     local.add_argument("--max-consecutive-failures", type=int, default=5, metavar="N",
                        help="stop after N failed trials in a row (default 5)")
+    local.add_argument("--report", action="store_true",
+                       help="rewrite DIR/report.html each time a trial ends (see `report`)")
     local.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
                        help="after SIGTERM, how long a stopped trial may take to save before SIGKILL (default 60)")
 
@@ -72,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--max-restarts", type=int, default=3, metavar="N",
                         help="restarts of an agent that dies before giving up on it (default 3)")
     launch.add_argument("--dry-run", action="store_true", help="print each agent's command line; start nothing")
+    report = commands.add_parser(
+        "report", help="compare a sweep's trials",
+        description="A local sweep DIR: write DIR/report.html (self-contained: table, metric over trials, "
+                    "parallel coordinates, parameter importance, learning curves, the best trial's "
+                    "prediction images) and the plots as PNGs in DIR/report/. ENTITY/PROJECT/SWEEP_ID: "
+                    "print the runs' table and the dashboard URL.")
+    report.add_argument("target", metavar="DIR|ENTITY/PROJECT/SWEEP_ID")
+
+    best = commands.add_parser(
+        "best", help="the best trial: run command, checkpoint, evaluation, TorchScript export",
+        description="Print the best trial, its config as a `python -m agent run` line, and its best checkpoint "
+                    "(downloaded for a W&B sweep).")
+    best.add_argument("target", metavar="DIR|ENTITY/PROJECT/SWEEP_ID")
+    best.add_argument("--evaluate", action="store_true",
+                      help="rerun the test set on the checkpoint: test accuracy and per-class accuracy")
+    best.add_argument("--export", metavar="PATH", help="write a TorchScript model (normalisation and class "
+                                                       "names inside; input: float images in [0, 1])")
     return parser
 
 
@@ -96,6 +117,14 @@ def dispatch(parser: argparse.ArgumentParser, args, rest: list[str]) -> int:
         from agent.status import status
 
         return status(args.dir, args.json)
+    if args.command == "report":
+        from agent.report import report
+
+        return report(args.target)
+    if args.command == "best":
+        from agent.best import best
+
+        return best(args.target, args.evaluate, args.export)
     if args.command == "create":
         from agent.launch import create
 
@@ -114,7 +143,8 @@ def dispatch(parser: argparse.ArgumentParser, args, rest: list[str]) -> int:
     store, sweep_id, sweep, root = open_sweep(args.sweep, args.dir, args.sweep_id)
     slots = args.gpus.split(",") if args.gpus else [None] * args.workers
     return LocalSweep(store, sweep_id, sweep, root, slots, args.count, args.retry_crashed,
-                      args.max_consecutive_failures, args.grace, SweepView(sweep_id, sweep, root)).run()
+                      args.max_consecutive_failures, args.grace, SweepView(sweep_id, sweep, root),
+                      args.report).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,7 +87,7 @@ def open_sweep(path: str, directory: str | None, sweep_id: str | None = None) ->
 class LocalSweep:
     def __init__(self, store: Store, sweep_id: str, sweep: dict, root: Path, slots: list[str | None],
                  count: int | None, retry_crashed: bool, max_consecutive_failures: int, grace: float,
-                 view: SweepView):
+                 view: SweepView, report: bool = False):
         self.store, self.sweep_id, self.sweep, self.root = store, sweep_id, sweep, root.resolve()
         self.engine = engine_config(sweep)
         self.metric = (sweep.get("metric") or {}).get("name")
@@ -97,6 +97,7 @@ class LocalSweep:
         self.slot_trials: list[str | None] = [None] * len(slots)  # per slot: its running trial
         self.retry_crashed, self.max_failures, self.grace = retry_crashed, max_consecutive_failures, grace
         self.view = view
+        self.report = report
         self.controller = generate_id(12)
         self.procs: dict[str, tuple[subprocess.Popen, RunLogReader | None, float | None]] = {}
         self.to_retry: list[str] = []
@@ -268,6 +269,10 @@ class LocalSweep:
             state, reason = "finished", None
         self.store.update(trial.id, state=state, reason=reason, exit_code=code, ended=time.time())
         self.view.event(f"{trial.id} {state}" + (f": {reason}" if reason else ""))
+        if self.report:
+            from agent.report import write_report  # matplotlib loads only for --report
+
+            write_report(self.root)
         if state == "failed":
             self._count_failure(trial.id, reason)
         else:

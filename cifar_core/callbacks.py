@@ -21,7 +21,7 @@ class ImagePredictionLogger(pl.Callback):
         if trainer.sanity_checking or wandb_logger is None or wandb.run is None:
             return
         dm = trainer.datamodule
-        images, labels = (t[: self.num_samples] for t in dm.val_set)
+        images, labels = (t[: self.num_samples].cpu() for t in dm.val_set)
         with torch.no_grad():
             preds = pl_module(normalize(images.to(pl_module.device))).argmax(-1).cpu()
         wandb_logger.log_image(

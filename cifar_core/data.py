@@ -118,24 +118,46 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, per image, as one gather."""
+    """Random crop with zero padding and random horizontal flip, per image, as two gathers
+    (rows, then columns; a flip is a reversed column index): no per-image Python."""
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
     dx = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
-    rows = (torch.arange(h, device=x.device) + dy)[:, None, :, None]
-    cols = (torch.arange(w, device=x.device) + dx)[:, None, None, :]
-    flip = torch.rand(n, device=x.device) < 0.5
-    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
-    batch_idx = torch.arange(n, device=x.device)[:, None, None, None]
-    channel_idx = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch_idx, channel_idx, rows, cols]
+    rows = (torch.arange(h, device=x.device) + dy).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+    cols = torch.arange(w, device=x.device) + dx
+    flip = torch.rand(n, 1, device=x.device) < 0.5
+    cols = torch.where(flip, cols.flip(-1), cols).view(n, 1, 1, w).expand(n, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+class TensorBatches:
+    """Batches of in-memory tensors: one shuffled index per epoch, then a slice + gather per
+    batch. A DataLoader over the same tensors spends most of its time turning index lists into
+    tensors (bench/speed.py)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool):
+        self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = torch.randperm(n, device=self.images.device) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+            else:
+                index = order[start:start + self.batch_size]
+                yield self.images[index], self.labels[index]
 
 
 def _batched_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
-                    num_workers: int) -> DataLoader:
-    # Index whole batches at once (TensorDataset takes a list of indices): one gather per
-    # batch instead of batch_size __getitem__ calls and a collate.
+                    num_workers: int) -> TensorBatches | DataLoader:
+    if num_workers == 0 or images.is_cuda:  # GPU tensors are gathered in place: no workers
+        return TensorBatches(images, labels, batch_size, shuffle)
+    # Workers each gather whole batches (TensorDataset takes a list of indices), no collate.
     dataset = TensorDataset(images, labels)
     sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
     return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False),
@@ -181,6 +203,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         order = torch.randperm(len(train_full[0]), generator=torch.Generator().manual_seed(self.seed))
         self.train_set = tuple(t[order[n_val:]] for t in train_full)
         self.val_set = tuple(t[order[:n_val]] for t in train_full)
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if device.type == "cuda":  # 180 MB of uint8: the whole set lives on the GPU, batches never cross PCIe
+            self.train_set, self.val_set, self.test_set = (
+                tuple(t.to(device) for t in split) for split in (self.train_set, self.val_set, self.test_set))
 
     def train_dataloader(self):
         return _batched_loader(*self.train_set, self.batch_size, True, self.num_workers)
@@ -193,7 +219,6 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
-        images = normalize(images)
         if self.augment and self.trainer is not None and self.trainer.training:
-            images = augment_batch(images)
-        return images, labels
+            images = augment_batch(images)  # on uint8: a quarter of the bytes; pads black, as torchvision does
+        return normalize(images), labels

@@ -15,6 +15,7 @@ and raises Preempted, so that W&B requeues it.
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -54,7 +55,8 @@ def build_system(config: TrainConfig, num_classes: int = 10) -> ImageClassifier:
     return system
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """One run; `callbacks` are added to the Trainer's (benchmarks and tests hook in there)."""
     pl.seed_everything(config.seed, workers=True, verbose=False)
     owns_run = wandb.run is None
     run = wandb.run or wandb.init(project=os.environ.get("WANDB_PROJECT") or config.project,
@@ -70,7 +72,8 @@ def train(config: TrainConfig) -> dict:
         max_epochs=config.max_epochs,
         limit_train_batches=config.train_batches,
         logger=WandbLogger(experiment=run),
-        callbacks=[early_stopping, checkpoint, ImagePredictionLogger(), PreemptionCheckpoint(ckpt_dir / "preempt.ckpt")],
+        callbacks=[early_stopping, checkpoint, ImagePredictionLogger(), PreemptionCheckpoint(ckpt_dir / "preempt.ckpt"),
+                   *callbacks],
         accelerator="auto",
         devices=1,
         precision=config.precision,

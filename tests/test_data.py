@@ -34,7 +34,7 @@ def test_batches_are_normalised_after_transfer(cifar_dir):
 
 
 def test_augment_crops_and_flips_each_image():
-    x = normalize(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8))
+    x = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)
     flipped_or_not = augment_batch(x, pad=0)
     same = (flipped_or_not == x).flatten(1).all(1)
     mirrored = (flipped_or_not == x.flip(-1)).flatten(1).all(1)
@@ -86,3 +86,12 @@ def test_a_decoded_cache_beside_the_batches_loads_the_same_data_and_follows_chan
     stale = (batches / "cifar10-uint8.npy").stat().st_mtime - 10
     os.utime(batches / "cifar10-uint8.npy", (stale, stale))
     assert not torch.equal(setup_dm(root).test_set[0], first.test_set[0])
+
+
+def test_shuffled_batches_cover_every_image_once_per_epoch(cifar_dir):
+    dm = setup_dm(cifar_dir, batch_size=16)
+    loader = dm.train_dataloader()
+    labels = torch.cat([y for _, y in loader])
+    assert len(loader) == 12 and len(labels) == 180
+    assert torch.equal(labels.sort().values, dm.train_set[1].sort().values)
+    assert not torch.equal(torch.cat([x for x, _ in loader]), torch.cat([x for x, _ in loader]))  # reshuffled

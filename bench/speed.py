@@ -1,0 +1,205 @@
+"""Trial speed against the seed pipeline, measured in one run on one machine.
+
+    python bench/speed.py --data-dir D --json OUT.json   (D holds cifar-10-batches-py/)
+
+Prints a table and writes JSON with:
+  data_throughput          images/s of the training data path alone, batch 32 (seed: torchvision
+                           + PIL ToTensor/Normalize; ours: uint8 tensors, normalise + crop + flip)
+  trial_overhead_s         process start -> first training step (offline W&B for both)
+  time_to_seed_accuracy_s  the seed trains 2 epochs (its defaults) and its test accuracy is the
+                           target; ours is the training time of the fast preset's fixed schedule,
+                           mean over 3 seeds, final test accuracy measured once at the end
+  gpu_time_to_93_s         on a GPU only: training seconds of the GPU preset (>= 93% test acc)
+Evaluation time is never counted; nothing stops on the test set.
+
+Last measured: see README "Performance".
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# The fast presets: fixed schedules chosen before measuring, never tuned on the test set.
+# CPU: a narrow ResNet-9 for 40% of one epoch, one-cycle (picked on the validation split).
+CPU_PRESET = dict(model="resnet9", width=8, batch_size=128, optimizer="sgd", lr=0.2, momentum=0.9,
+                  nesterov=True, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.0,
+                  augment=False, max_epochs=1, limit_train_batches=0.4, channels_last=True)
+GPU_PRESET = dict(model="resnet9", width=64, batch_size=512, optimizer="sgd", lr=0.4, momentum=0.9,
+                  nesterov=True, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.2,
+                  augment=True, max_epochs=10, precision="bf16-mixed", channels_last=True)
+
+
+class TrainTimer:
+    """Seconds spent in fit's training loop (validation and test excluded)."""
+
+    def __new__(cls):
+        import lightning.pytorch as pl
+
+        class _Timer(pl.Callback):
+            seconds = 0.0
+
+            def on_train_start(self, trainer, pl_module):
+                self.start = time.perf_counter()
+
+            def on_train_end(self, trainer, pl_module):
+                self.seconds = time.perf_counter() - self.start
+        return _Timer()
+
+
+def data_throughput(data_dir: str, batches: int = 300) -> dict:
+    from bench.seed_pipeline import SeedDataModule
+    from cifar_core.data import CIFAR10DataModule, augment_batch, normalize
+
+    seed = SeedDataModule(batch_size=32, data_dir=data_dir)
+    seed.setup()
+    ours = CIFAR10DataModule(data_dir=data_dir, batch_size=32, augment=True)
+    ours.setup()
+    rates = {}
+    for name, loader, finish in [("seed", seed.train_dataloader(), lambda b: b),
+                                 ("ours", ours.train_dataloader(), lambda b: (normalize(augment_batch(b[0])), b[1]))]:
+        start, seen = time.perf_counter(), 0
+        for i, batch in enumerate(loader):
+            x, _ = finish(batch)
+            seen += len(x)
+            if i + 1 == batches:
+                break
+        rates[name] = seen / (time.perf_counter() - start)
+    return rates
+
+
+def first_step_child(which: str, data_dir: str):
+    """Runs a trial's start-up as its program would, and exits at the first training step."""
+    import lightning.pytorch as pl
+    import wandb
+
+    class FirstStep(pl.Callback):
+        def on_train_batch_start(self, *args):
+            print(f"FIRST_STEP {time.time()}", flush=True)
+            os._exit(0)
+
+    if which == "seed":  # the tutorial's main block, as written
+        from lightning.pytorch.loggers import WandbLogger
+
+        from bench.seed_pipeline import SeedDataModule, SeedLitModel
+
+        dm = SeedDataModule(batch_size=32, data_dir=data_dir)
+        dm.setup()
+        next(iter(dm.val_dataloader()))  # the seed draws its image-logger samples here
+        trainer = pl.Trainer(max_epochs=2, logger=WandbLogger(project="bench"), enable_progress_bar=False,
+                             callbacks=[pl.callbacks.EarlyStopping(monitor="val_loss"),
+                                        pl.callbacks.ModelCheckpoint(), FirstStep()])
+        trainer.fit(SeedLitModel(), dm)
+    else:  # what `python -m agent run` does: wandb.init, then train()
+        from cifar_core.config import TrainConfig
+        from cifar_core.train import train
+
+        config = TrainConfig(data_dir=data_dir)
+        wandb.init(project="bench", config=config.model_dump())
+        train(config, callbacks=[FirstStep()])
+
+
+def trial_overhead(data_dir: str, tmp: Path) -> dict:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp), WANDB_SILENT="true",
+               PYTHONPATH=str(REPO))
+    start = time.time()  # the floor both pay: importing torch, lightning (with torchmetrics, torchvision), wandb
+    subprocess.run([sys.executable, "-c", "import torch, lightning.pytorch, wandb"], env=env, check=True)
+    out = {"imports_alone": time.time() - start}
+    for which in ("seed", "ours"):
+        start = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--first-step-child", which, "--data-dir", data_dir],
+                              capture_output=True, text=True, env=env, cwd=tmp, timeout=300)
+        stamp = next(line for line in proc.stdout.splitlines() if line.startswith("FIRST_STEP"))
+        out[which] = float(stamp.split()[1]) - start
+    return out
+
+
+def seed_two_epochs(data_dir: str) -> tuple[float, float]:
+    import lightning.pytorch as pl
+
+    from bench.seed_pipeline import SeedDataModule, SeedLitModel
+
+    pl.seed_everything(0, verbose=False)
+    dm = SeedDataModule(batch_size=32, data_dir=data_dir)
+    model, timer = SeedLitModel(), TrainTimer()
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
+    trainer.fit(model, dm)
+    acc = trainer.test(model, dataloaders=dm.test_dataloader(), verbose=False)[0]["test_acc"]
+    return acc, timer.seconds
+
+
+def ours_on_schedule(data_dir: str, preset: dict, seed: int) -> tuple[float, float]:
+    import lightning.pytorch as pl
+
+    from cifar_core.config import TrainConfig
+    from cifar_core.evaluate import evaluate
+    from cifar_core.train import build_datamodule, build_system
+
+    config = TrainConfig(data_dir=data_dir, seed=seed, **preset)
+    pl.seed_everything(seed, verbose=False)
+    dm = build_datamodule(config)
+    system, timer = build_system(config), TrainTimer()
+    trainer = pl.Trainer(max_epochs=config.max_epochs, limit_train_batches=config.train_batches, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0,
+                         num_sanity_val_steps=0, precision=config.precision, callbacks=[timer])
+    trainer.fit(system, datamodule=dm)
+    acc = evaluate(system.net.to(trainer.strategy.root_device), *dm.test_set)["test_acc"]
+    return acc, timer.seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Trial speed against the seed pipeline.")
+    parser.add_argument("--data-dir", required=True, help="folder holding cifar-10-batches-py/")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-step-child", choices=["seed", "ours"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.first_step_child:
+        return first_step_child(args.first_step_child, args.data_dir)
+
+    import tempfile
+
+    import torch
+
+    results = {"machine": f"{os.cpu_count()} CPU cores" + (f", {torch.cuda.get_device_name()}"
+                                                          if torch.cuda.is_available() else ", no GPU")}
+    results["data_throughput"] = data_throughput(args.data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        results["trial_overhead_s"] = trial_overhead(args.data_dir, Path(tmp))
+    target, seed_seconds = seed_two_epochs(args.data_dir)
+    runs = [ours_on_schedule(args.data_dir, CPU_PRESET, s) for s in range(args.seeds)]
+    ours_acc = sum(a for a, _ in runs) / len(runs)
+    results["time_to_seed_accuracy_s"] = {
+        "target_acc": target, "seed": seed_seconds, "ours": sum(t for _, t in runs) / len(runs),
+        "ours_acc_mean": ours_acc, "ours_accs": [a for a, _ in runs], "reached": ours_acc >= target,
+        "preset": CPU_PRESET}
+    if torch.cuda.is_available():
+        gpu_runs = [ours_on_schedule(args.data_dir, GPU_PRESET, s) for s in range(args.seeds)]
+        results["gpu_time_to_93_s"] = {
+            "seconds": sum(t for _, t in gpu_runs) / len(gpu_runs), "accs": [a for a, _ in gpu_runs],
+            "reached": min(a for a, _ in gpu_runs) >= 0.93, "preset": GPU_PRESET}
+
+    d, o, t = results["data_throughput"], results["trial_overhead_s"], results["time_to_seed_accuracy_s"]
+    print(f"{'measure':34} {'seed':>10} {'ours':>10} {'ratio':>8}   ({results['machine']})")
+    print(f"{'data path, images/s':34} {d['seed']:10.0f} {d['ours']:10.0f} {d['ours'] / d['seed']:7.1f}x")
+    print(f"{'start -> first training step, s':34} {o['seed']:10.2f} {o['ours']:10.2f} {o['seed'] / o['ours']:7.1f}x"
+          f"   (imports alone: {o['imports_alone']:.2f} s)")
+    print(f"{'train time to {:.1%} test acc, s'.format(target):34} {t['seed']:10.1f} {t['ours']:10.1f} "
+          f"{t['seed'] / t['ours']:7.1f}x   (ours: {ours_acc:.1%} mean of {len(runs)})")
+    if "gpu_time_to_93_s" in results:
+        g = results["gpu_time_to_93_s"]
+        print(f"GPU train time, fast preset: {g['seconds']:.1f} s, test acc {g['accs']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
