@@ -51,26 +51,35 @@ class RunLogReader:
         """True once the run's exit record is in the log (wandb writes it on `run.finish()`)."""
         return self.exit_code is not None
 
-    def poll(self) -> list[dict[str, Any]]:
-        """History rows ({key: value}, nested keys joined by '.') appended since the last poll, in order."""
+    def records(self) -> Iterator[pb.Record]:
+        """The records appended since the last call (or poll), parsed, in order."""
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
                 data = f.read()
         except FileNotFoundError:
-            return []
+            return
         base = self.offset
         if base == 0:
             if len(data) < len(FILE_HEADER):
-                return []
+                return
             if data[: len(FILE_HEADER)] != FILE_HEADER:
                 raise ValueError(f"{self.path}: not a W&B transaction log")
             self.offset = len(FILE_HEADER)
-        rows: list[dict[str, Any]] = []
-        for record in self._complete_records(data, base):
-            row = self._decode(record)
-            if row is not None:
-                rows.append(row)
+        for raw in self._complete_records(data, base):
+            record = pb.Record()
+            record.ParseFromString(raw)
+            yield record
+
+    def poll(self) -> list[dict[str, Any]]:
+        """History rows ({key: value}, nested keys joined by '.') appended since the last poll, in order."""
+        rows = []
+        for record in self.records():
+            kind = record.WhichOneof("record_type")
+            if kind == "exit":
+                self.exit_code = record.exit.exit_code
+            elif kind == "history":
+                rows.append(history_row(record.history))
         return rows
 
     def _complete_records(self, data: bytes, base: int) -> Iterator[bytes]:
@@ -106,13 +115,7 @@ class RunLogReader:
                 yield b"".join(parts)
                 parts = []
 
-    def _decode(self, raw: bytes) -> dict[str, Any] | None:
-        record = pb.Record()
-        record.ParseFromString(raw)
-        kind = record.WhichOneof("record_type")
-        if kind == "exit":
-            self.exit_code = record.exit.exit_code
-        if kind != "history":
-            return None
-        items = record.history.item  # wandb-core fills nested_key ("a.b" is ["a", "b"]), the legacy writer key
-        return {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+def history_row(history: pb.HistoryRecord) -> dict[str, Any]:
+    # wandb-core fills nested_key ("a.b" is ["a", "b"]); the legacy writer filled key
+    return {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in history.item}

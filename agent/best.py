@@ -1,0 +1,294 @@
+"""`python -m agent best TARGET [--evaluate] [--export PATH]`: a sweep's best trial, ready to use.
+
+TARGET is a local sweep DIR (made by `python -m agent local`, holds DIR/sweep.db) or a W&B sweep
+ENTITY/PROJECT/SWEEP_ID. Prints the best trial by the sweep's metric and goal (locally: finished or
+stopped trials with a metric): its id, state and metric; its full config as a `python -m agent run`
+line that trains it again; and its best checkpoint (locally the file its run logged as the
+`model-<id>` artifact; on W&B the `model-<id>:best` artifact, downloaded).
+
+  --evaluate     load the checkpoint (weights only: no pickled code runs) and score it on the test
+                 split the trial used: test accuracy, beside the one the trial logged, per class.
+  --export PATH  write a TorchScript model that needs only torch: forward(x) takes float images in
+                 [0, 1], N x 3 x 32 x 32 (torchvision's ToTensor), normalises inside, returns logits;
+                 predict(x) -> class indices; class names in `class_names` and class_names.json.
+
+    python -m agent best sweeps-local/SWEEP_ID --evaluate --export best.pt
+    model = torch.jit.load("best.pt"); model.class_names[model.predict(x)[0]]
+"""
+
+import json
+import re
+import shlex
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+import torch
+from rich.table import Table
+from torch import nn
+
+from agent.errors import UsageError
+from agent.run import make_config
+from agent.runlog import RunLogReader, history_row
+from agent.status import best_trial, console, open_store
+from cifar_core.config import TrainConfig
+
+DONE = ("finished", "stopped")
+
+
+@dataclass
+class Best:
+    id: str
+    state: str
+    where: str  # "trial X of sweep S" or "run X of sweep E/P/S"
+    metric_name: str | None
+    metric: float | None
+    goal: str
+    config: TrainConfig
+    checkpoint: Path
+    logged_test_acc: float | None
+    data_roots: tuple[Path, ...]  # where a relative data_dir may lie
+
+
+class RunLog:
+    """What an offline run's log holds for us: config, last logged values, the model artifact."""
+
+    def __init__(self, path: Path):
+        self.config, self.summary, self.artifact = {}, {}, None
+        for record in RunLogReader(path).records():
+            kind = record.WhichOneof("record_type")
+            if kind in ("run", "config"):
+                for item in (record.run.config if kind == "run" else record.config).update:
+                    self.config[item.key or ".".join(item.nested_key)] = json.loads(item.value_json)
+            elif kind == "history":
+                self.summary.update(history_row(record.history))
+            elif kind == "artifact" and record.artifact.type == "model":
+                self.artifact = record.artifact
+
+
+def read_log(path: Path) -> RunLog | None:
+    try:
+        return RunLog(path)
+    except (OSError, ValueError):  # unreadable or corrupt: as if the attempt had left no log
+        return None
+
+
+def flag(key: str, value) -> str:
+    text = ("true" if value else "false") if isinstance(value, bool) else repr(value) if isinstance(value, float) \
+        else str(value)
+    return shlex.quote(f"--{key}={text}")
+
+
+def run_command(config: TrainConfig) -> str:
+    """Every field, so that the line trains the same config even if the defaults change."""
+    return "python -m agent run " + " ".join(flag(k, v) for k, v in config.model_dump().items())
+
+
+def known(values: dict) -> dict:
+    return {k: v for k, v in values.items() if k in TrainConfig.model_fields}
+
+
+def local_best(directory: str) -> Best:
+    store = open_store(directory)
+    root = Path(directory)
+    sweep_id, sweep = store.sweep() or (None, None)
+    if sweep is None:
+        raise UsageError(f"{directory}: sweep.db holds no sweep yet")
+    name, goal = (sweep.get("metric") or {}).get("name"), (sweep.get("metric") or {}).get("goal", "minimize")
+    trial = best_trial([t for t in store.trials() if t.state in DONE], goal)
+    if trial is None:
+        raise UsageError(f"{directory}: no finished or stopped trial has a value of {name or 'the metric'} yet")
+    # The newest attempt of the run id that logged its best model (a retried trial has several).
+    logs = sorted(root.glob(f"wandb/offline-run-*-{trial.id}/run-{trial.id}.wandb"), reverse=True)
+    runs = [r for r in map(read_log, logs) if r is not None]
+    run = next((r for r in runs if r.artifact is not None), runs[0] if runs else None)
+    checkpoint, config = None, None
+    if run is not None and run.artifact is not None:
+        config = json.loads(run.artifact.metadata or "{}").get("config")
+        for entry in run.artifact.manifest.contents:
+            logged = Path(entry.local_path)  # absolute when logged; DIR may have moved since
+            moved = root / "wandb" / logged.parent.parent.name / "checkpoints" / logged.name
+            if entry.path == "model.ckpt":
+                checkpoint = next((p for p in (logged, moved) if p.is_file()), None)
+    if checkpoint is None:
+        found = list(root.glob(f"wandb/*run-*-{trial.id}/checkpoints/epoch=*.ckpt"))
+        if not found:
+            raise UsageError(f"trial {trial.id}: no best checkpoint "
+                             f"({root}/wandb/*run-*-{trial.id}/checkpoints/epoch=*.ckpt missing)")
+        checkpoint = max(found, key=lambda p: p.stat().st_mtime)
+    if config is not None or (run is not None and known(run.config)):
+        config = make_config(known(config if config is not None else run.config))
+    else:  # no run log: the YAML's constants and the trial's values over the defaults
+        constants = {k: s["value"] for k, s in (sweep.get("parameters") or {}).items()
+                     if isinstance(s, dict) and "value" in s}
+        try:
+            config = make_config({**constants, **trial.config})
+        except UsageError as e:
+            raise UsageError(f"trial {trial.id}: not a config of this program: {e}") from None
+    return Best(trial.id, trial.state, f"trial {trial.id} of sweep {sweep_id}", name, trial.metric, goal, config,
+                checkpoint, run.summary.get("test_acc") if run else None, (Path.cwd(), root.parent, root.parent.parent))
+
+
+def wandb_best(target: str) -> Best:
+    import wandb
+
+    entity, project, _ = target.split("/")
+    try:
+        api = wandb.Api()
+        sweep = api.sweep(target)
+        run = sweep.best_run()
+    except (wandb.errors.Error, ValueError, OSError) as e:
+        raise UsageError(f"{target}: no such local sweep directory, and W&B says: {first_line(e)}") from None
+    if run is None:
+        raise UsageError(f"{target}: the sweep has no runs yet")
+    metric = (sweep.config or {}).get("metric") or {}
+    try:
+        folder = api.artifact(f"{entity}/{project}/model-{run.id}:best").download()
+    except (wandb.errors.Error, ValueError, OSError) as e:
+        raise UsageError(f"{entity}/{project}/model-{run.id}:best: {first_line(e)}") from None
+    checkpoint = Path(folder) / "model.ckpt"
+    if not checkpoint.is_file():
+        raise UsageError(f"{entity}/{project}/model-{run.id}:best: no model.ckpt in {folder}")
+    summary = dict(run.summary or {})
+    value = summary.get(metric.get("name")) if metric.get("name") else None
+    return Best(run.id, run.state, f"run {run.id} of sweep {target}", metric.get("name"),
+                value if isinstance(value, (int, float)) else None, metric.get("goal", "minimize"),
+                make_config(known(dict(run.config))), checkpoint, summary.get("test_acc"), (Path.cwd(),))
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def load_net(path: Path) -> nn.Module:
+    """The network of a Lightning checkpoint of ours, rebuilt from its hyperparameters, in eval mode."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        hp, state = checkpoint["hyper_parameters"], checkpoint["state_dict"]
+    except Exception as e:  # missing, truncated, not ours: all a bad checkpoint to the user
+        raise UsageError(f"{path}: not a loadable checkpoint of this program ({first_line(e)})") from None
+    from cifar_core.model import build_model
+
+    weights = {k.removeprefix("net.").removeprefix("_orig_mod."): v for k, v in state.items() if k.startswith("net.")}
+    try:
+        net = build_model(hp.get("model", "seed_cnn"), hp.get("num_classes", 10), hp.get("dropout", 0.0),
+                          hp.get("width", 64))
+        net.load_state_dict(weights)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"{path}: weights do not fit {hp.get('model')} ({first_line(e)})") from None
+    return net.eval()
+
+
+def cifar_batches(best: Best) -> Path | None:
+    """The trial's cifar-10-batches-py folder; a relative data_dir may be relative to where the sweep ran."""
+    from cifar_core.data import BATCHES_DIR
+
+    data_dir = Path(best.config.data_dir)
+    candidates = [data_dir] if data_dir.is_absolute() else [base / data_dir for base in best.data_roots]
+    return next((d / BATCHES_DIR for d in candidates if (d / BATCHES_DIR).is_dir()), None)
+
+
+def class_names(best: Best) -> tuple[str, ...]:
+    from cifar_core.data import CLASSES, DatasetError, read_class_names
+
+    batches = cifar_batches(best) if best.config.dataset == "cifar10" else None
+    try:
+        return CLASSES if batches is None else read_class_names(batches)
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
+
+
+def load_test_split(best: Best) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The trial's test images (uint8), labels, and what they are."""
+    from cifar_core.data import BATCHES_DIR, DatasetError, read_all, synthetic_split
+
+    config = best.config
+    if config.dataset == "synthetic":
+        return *synthetic_split(1000, config.seed + 1), f"synthetic (seed {config.seed + 1})"
+    batches = cifar_batches(best)
+    if batches is None:
+        where = Path(config.data_dir) if Path(config.data_dir).is_absolute() else Path.cwd() / config.data_dir
+        raise UsageError(f"{where / BATCHES_DIR}: CIFAR-10 test data missing "
+                         f"(the trial's data_dir={config.data_dir!r})")
+    try:
+        _, (images, labels) = read_all(batches)
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
+    return images, labels, f"CIFAR-10 test ({batches})"
+
+
+class Exported(nn.Module):
+    """What --export saves: float images in [0, 1] in, logits out; normalisation and class names inside."""
+
+    class_names: List[str]
+
+    def __init__(self, net: nn.Module, class_names: List[str], mean: float, std: float):
+        super().__init__()
+        self.net, self.class_names, self.mean, self.std = net, list(class_names), mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+    @torch.jit.export
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x).argmax(dim=-1)
+
+
+def export_torchscript(net: nn.Module, class_names, path: str, best: Best) -> None:
+    from cifar_core.data import MEAN, STD
+
+    with warnings.catch_warnings():  # torch.jit is deprecated for torch.export, which plain torch.load cannot load
+        warnings.simplefilter("ignore")
+        try:
+            inner = torch.jit.script(net)
+        except Exception:  # e.g. resnet9's Residual calls super().forward
+            inner = torch.jit.trace(net, torch.zeros(2, 3, 32, 32))
+        module = torch.jit.script(Exported(inner, list(class_names), MEAN, STD))
+        extra = {"class_names.json": json.dumps(list(class_names)),
+                 "trial.json": json.dumps({"id": best.id, best.metric_name or "metric": best.metric,
+                                           "config": best.config.model_dump()})}
+        try:
+            torch.jit.save(module, path, _extra_files=extra)
+        except (OSError, RuntimeError) as e:
+            raise UsageError(f"{path}: cannot write ({first_line(e)})") from None
+
+
+def find_best(target: str) -> Best:
+    if Path(target).is_dir():
+        return local_best(target)
+    if re.fullmatch(r"[^/\s]+/[^/\s]+/[^/\s]+", target):
+        return wandb_best(target)
+    raise UsageError(f"{target}: neither a local sweep directory nor ENTITY/PROJECT/SWEEP_ID")
+
+
+def best(target: str, evaluate: bool = False, export: str | None = None) -> int:
+    if export and not Path(export).parent.is_dir():
+        raise UsageError(f"{export}: cannot write (no directory {Path(export).parent})")
+    found = find_best(target)
+    metric = "no metric" if found.metric is None else f"{found.metric_name}={found.metric:.6g} ({found.goal})"
+    print(f"best: {found.where}, {found.state}, {metric}")
+    print(f"config: {run_command(found.config)}")
+    print(f"checkpoint: {found.checkpoint}")
+    if not (evaluate or export):
+        return 0
+    net, names = load_net(found.checkpoint), class_names(found)
+    if evaluate:
+        images, labels, described = load_test_split(found)
+        from cifar_core.evaluate import evaluate as score
+
+        result = score(net, images, labels, num_classes=len(names))
+        logged = "" if found.logged_test_acc is None else f" (logged by the trial: {found.logged_test_acc:.4f})"
+        print(f"test_acc: {result['test_acc']:.4f}{logged} on {len(labels)} images, {described}")
+        table = Table(box=None, header_style="bold")
+        for column in ("class", "accuracy", "images"):
+            table.add_column(column, justify="left" if column == "class" else "right")
+        counts = torch.bincount(labels, minlength=len(names)).tolist()
+        for name, acc, n in zip(names, result["per_class_acc"], counts):
+            table.add_row(name, f"{acc:.4f}", str(n))
+        console().print(table)
+    if export:
+        export_torchscript(net, names, export, found)
+        print(f"exported: {export} (TorchScript; forward(x): float N x 3 x 32 x 32 in [0, 1] -> logits; "
+              f"predict(x) -> class indices; class_names)")
+    return 0

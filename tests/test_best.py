@@ -1,0 +1,223 @@
+"""`python -m agent best`: a real local sweep's best trial, its config line, checkpoint, test score, export."""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from agent.best import best
+from agent.errors import UsageError
+from agent.run import make_config, parse_flags
+from agent.store import Store
+from cifar_core.data import CLASSES, normalize, synthetic_split
+from cifar_core.system import ImageClassifier
+from tests.conftest import REPO, agent_command
+
+CLI_WIRED = '"best"' in (REPO / "agent" / "__main__.py").read_text()
+
+# Run in a process where neither this checkout nor any installed copy of the project can be imported.
+CLEAN_CHECK = r"""
+import json, sys
+sys.modules.update(cifar_core=None, agent=None)  # None in sys.modules: `import cifar_core` fails
+import torch
+extra = {"class_names.json": ""}
+model = torch.jit.load(sys.argv[1], _extra_files=extra)
+x = torch.load(sys.argv[2])
+print(json.dumps({"predict": model.predict(x).tolist(), "argmax": model(x).argmax(-1).tolist(),
+                  "class_names": list(model.class_names), "extra": json.loads(extra["class_names.json"])}))
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A real grid sweep of our program: two learning rates, synthetic data, two short epochs."""
+    root = tmp_path_factory.mktemp("best")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_DATA_DIR=str(root / "wandb-data"),
+               WANDB_CACHE_DIR=str(root / "wandb-cache"), WANDB_CONFIG_DIR=str(root / "wandb-config"),
+               WANDB_SILENT="true", PYTHONPATH=str(REPO))
+    (root / "grid.yaml").write_text(yaml.safe_dump({
+        "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
+        "parameters": {"lr": {"values": [3.0e-3, 1.0e-3]}, "dataset": {"value": "synthetic"},
+                       "max_epochs": {"value": 2}, "limit_train_batches": {"value": 5}},
+        "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]}))
+    out = subprocess.run(agent_command("local", "grid.yaml", "--workers", "2", "--dir", "D"), cwd=root, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    trials = Store(root / "D" / "sweep.db").trials()
+    assert [t.state for t in trials] == ["finished"] * 2 and all(t.metric is not None for t in trials)
+    top = max(t.metric for t in trials)
+    winner = next(t for t in trials if t.metric == top)  # ties: the first, as `agent status` shows
+    [run_dir] = (root / "D" / "wandb").glob(f"offline-run-*-{winner.id}")
+    summary = json.loads(subprocess.run(["wandb", "leet", "inspect", "--summary", "--json", str(run_dir)],
+                                        capture_output=True, text=True, check=True, timeout=60).stdout)
+    return SimpleNamespace(dir=root / "D", env=env, trial=winner, run_dir=run_dir, logged=summary)
+
+
+def report(capsys, target, evaluate=False, export=None) -> dict:
+    assert best(str(target), evaluate, export) == 0
+    out = capsys.readouterr().out
+    lines = dict(line.split(": ", 1) for line in out.splitlines() if re.match(r"^(best|config|checkpoint|test_acc|"
+                                                                              r"exported): ", line))
+    return dict(lines, out=out)
+
+
+def checkpoint_predictions(path: Path, images: torch.Tensor) -> list[int]:
+    """Independently of agent.best: the Lightning system as training built it, from the checkpoint."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    system = ImageClassifier(**checkpoint["hyper_parameters"])
+    state = {k.replace("net._orig_mod.", "net."): v for k, v in checkpoint["state_dict"].items()}
+    system.load_state_dict(state)
+    with torch.inference_mode():
+        return system.net.eval()(normalize(images)).argmax(-1).tolist()
+
+
+def run_clean(model: Path, images: torch.Tensor, tmp_path: Path) -> dict:
+    torch.save(images.float() / 255, tmp_path / "x.pt")  # as torchvision's ToTensor gives them
+    out = subprocess.run([sys.executable, "-I", "-c", CLEAN_CHECK, str(model), str(tmp_path / "x.pt")], cwd=tmp_path,
+                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_prints_best_trial_a_run_line_that_parses_back_and_its_checkpoint(sweep, capsys):
+    out = report(capsys, sweep.dir)
+    assert out["best"].startswith(f"trial {sweep.trial.id} of sweep ") and "finished" in out["best"]
+    assert f"val_acc={sweep.trial.metric:.6g} (maximize)" in out["best"]
+    prefix = "python -m agent run "
+    assert out["config"].startswith(prefix)
+    config = make_config(parse_flags(shlex.split(out["config"].removeprefix(prefix))))
+    assert config == make_config({k: v for k, v in sweep.logged["config"].items() if not k.startswith("_")})
+    for key, value in sweep.trial.config.items():
+        assert getattr(config, key) == value, key
+    checkpoint = Path(out["checkpoint"])
+    assert checkpoint.is_file() and checkpoint.parent == sweep.run_dir / "checkpoints"
+    assert re.fullmatch(r"epoch=\d+\.ckpt", checkpoint.name)
+
+
+@pytest.mark.skipif(not CLI_WIRED, reason="agent/__main__.py has no `best` command yet")
+def test_cli_prints_the_same(sweep, tmp_path):
+    out = subprocess.run(agent_command("best", str(sweep.dir)), cwd=tmp_path, env=sweep.env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"trial {sweep.trial.id} " in out.stdout and "python -m agent run --" in out.stdout
+    bad = subprocess.run(agent_command("best", str(tmp_path / "nowhere")), cwd=tmp_path, env=sweep.env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nowhere" in bad.stderr
+
+
+def test_evaluate_reproduces_the_logged_test_accuracy_with_a_per_class_table(sweep, capsys):
+    out = report(capsys, sweep.dir, evaluate=True)
+    logged = f"{sweep.logged['summary']['test_acc']:.4f}"
+    assert out["test_acc"].startswith(f"{logged} (logged by the trial: {logged}) on 1000 images")
+    rows = [line.split() for line in out["out"].splitlines() if line.split()[:1] and line.split()[0] in CLASSES]
+    assert [r[0] for r in rows] == list(CLASSES) and all(0 <= float(r[1]) <= 1 for r in rows)
+    assert sum(int(r[2]) for r in rows) == 1000
+
+
+def test_export_runs_without_the_project_and_predicts_as_the_checkpoint(sweep, capsys, tmp_path):
+    model = tmp_path / "best.pt"
+    out = report(capsys, sweep.dir, export=str(model))
+    assert out["exported"].startswith(str(model))
+    images, _ = synthetic_split(1000, sweep.trial.config.get("seed", 0) + 1)
+    got = run_clean(model, images[:100], tmp_path)
+    expected = checkpoint_predictions(Path(out["checkpoint"]), images[:100])
+    assert got["predict"] == got["argmax"] == expected
+    assert got["class_names"] == got["extra"] == list(CLASSES)
+
+
+def wandb_api(mocker, run_id: str, config: dict, folder: Path):
+    api = mocker.patch("wandb.Api").return_value
+    sweep = api.sweep.return_value
+    sweep.config = {"metric": {"name": "val_acc", "goal": "maximize"}}
+    sweep.best_run.return_value = SimpleNamespace(id=run_id, state="finished", config=config,
+                                                  summary={"val_acc": 0.75, "test_acc": 0.5})
+    api.artifact.return_value.download.return_value = str(folder)
+    return api
+
+
+def test_wandb_sweep_best_run_and_its_best_model_artifact(sweep, mocker, capsys, tmp_path):
+    folder = tmp_path / "artifacts" / "model-abc:v3"
+    folder.mkdir(parents=True)
+    shutil.copy(sweep.run_dir / "checkpoints" / Path(report(capsys, sweep.dir)["checkpoint"]).name,
+                folder / "model.ckpt")
+    api = wandb_api(mocker, "abc", {"_wandb": {}, **sweep.logged["config"]}, folder)
+    out = report(capsys, "ent/proj/swp", evaluate=True)
+    api.sweep.assert_called_once_with("ent/proj/swp")
+    api.artifact.assert_called_once_with("ent/proj/model-abc:best")
+    assert out["best"] == "run abc of sweep ent/proj/swp, finished, val_acc=0.75 (maximize)"
+    assert out["checkpoint"] == str(folder / "model.ckpt")
+    logged = f"{sweep.logged['summary']['test_acc']:.4f}"
+    assert out["test_acc"].startswith(f"{logged} (logged by the trial: 0.5000)")
+
+
+def test_a_compiled_resnet9_checkpoint_exports_by_tracing(mocker, capsys, tmp_path):
+    torch.manual_seed(0)
+    system = ImageClassifier(model="resnet9", width=8).eval()
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    state = {k.replace("net.", "net._orig_mod.", 1): v for k, v in system.state_dict().items()}  # torch.compile's
+    torch.save({"hyper_parameters": dict(system.hparams), "state_dict": state}, folder / "model.ckpt")
+    wandb_api(mocker, "r9", {"dataset": "synthetic", "model": "resnet9", "width": 8, "compile": True}, folder)
+    out = report(capsys, "ent/proj/swp", export=str(tmp_path / "r9.pt"))
+    assert "--model=resnet9" in out["config"] and "--compile=true" in out["config"]
+    images, _ = synthetic_split(40, 7)
+    got = run_clean(tmp_path / "r9.pt", images, tmp_path)
+    assert got["predict"] == checkpoint_predictions(folder / "model.ckpt", images)
+
+
+def test_cifar10_trials_evaluate_on_their_data_dir_and_missing_data_is_named(mocker, capsys, tmp_path, sweep,
+                                                                              cifar_dir):
+    shutil.copy(next(sweep.run_dir.glob("checkpoints/epoch=*.ckpt")), tmp_path / "model.ckpt")
+    wandb_api(mocker, "abc", {"dataset": "cifar10", "data_dir": str(cifar_dir)}, tmp_path)
+    out = report(capsys, "ent/proj/swp", evaluate=True)
+    assert re.fullmatch(r"0\.\d{4} \(logged by the trial: 0\.5000\) on 50 images, CIFAR-10 test \(.*\)",
+                        out["test_acc"])
+    assert sum(line.split()[:1] == [name] for line in out["out"].splitlines() for name in CLASSES) == 10
+    wandb_api(mocker, "abc", {"dataset": "cifar10", "data_dir": str(tmp_path / "nodata")}, tmp_path)
+    with pytest.raises(UsageError, match=r"nodata/cifar-10-batches-py: CIFAR-10 test data missing"):
+        best("ent/proj/swp", True, None)
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_user_mistakes_are_one_line_naming_the_thing(tmp_path, sweep, mocker):
+    with pytest.raises(UsageError) as e:
+        best(str(tmp_path / "nowhere"), False, None)
+    assert "nowhere: neither a local sweep directory nor ENTITY/PROJECT/SWEEP_ID" in one_line(e)
+    with pytest.raises(UsageError) as e:
+        best(str(tmp_path), False, None)
+    assert f"{tmp_path}: no local sweep here" in one_line(e)
+
+    no_runs = tmp_path / "copy"  # the sweep's state without its runs: no checkpoint anywhere
+    no_runs.mkdir()
+    shutil.copy(sweep.dir / "sweep.db", no_runs / "sweep.db")
+    with pytest.raises(UsageError) as e:
+        best(str(no_runs), False, None)
+    assert f"trial {sweep.trial.id}: no best checkpoint" in one_line(e)
+
+    store = Store(tmp_path / "sweep.db")
+    store.create_sweep("s1", {"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"}})
+    store.add_trial("t1", {"lr": {"value": 0.1}}, "c")
+    store.update("t1", state="failed")
+    with pytest.raises(UsageError) as e:
+        best(str(tmp_path), False, None)
+    assert "no finished or stopped trial has a value of val_acc" in one_line(e)
+
+    mocker.patch("wandb.Api").return_value.sweep.side_effect = ValueError("Could not find sweep swp\nmore")
+    with pytest.raises(UsageError) as e:
+        best("ent/proj/swp", False, None)
+    assert one_line(e) == "ent/proj/swp: no such local sweep directory, and W&B says: Could not find sweep swp"
