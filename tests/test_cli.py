@@ -23,8 +23,9 @@ def test_bad_input_exits_2_with_one_line_naming_the_key(flag, key, offline_env, 
 
 
 def test_shipped_sweeps_validate(capsys):
-    assert validate(sorted(str(p) for p in (REPO / "sweeps").glob("*.yaml"))) == 0
-    assert capsys.readouterr().out.count(": ok") == 3
+    files = sorted(str(p) for p in (REPO / "sweeps").glob("*.yaml"))
+    assert len(files) >= 3 and validate(files) == 0
+    assert capsys.readouterr().out.count(": ok") == len(files)
 
 
 def write_sweep(tmp_path, **changes):
