@@ -1,0 +1,187 @@
+"""The sweep report: real local sweeps -> DIR/report.html, opened in a real headless browser; the W&B table."""
+
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from agent.errors import UsageError
+from agent.report import learning_curves, report, write_report
+from agent.store import Store
+from tests.conftest import REPO, agent_command
+
+FOREIGN = REPO / "tests" / "programs" / "foreign_train.py"
+PLOTS = ["metric_over_trials", "parallel_coordinates", "importance", "learning_curves"]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def run_sweep(root: Path, sweep: dict, *args: str, **env: str) -> Path:
+    """A real `python -m agent local` sweep in root/D, offline under root; returns root/D."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_DATA_DIR=str(root / "wandb-data"),
+               WANDB_CACHE_DIR=str(root / "wandb-cache"), WANDB_CONFIG_DIR=str(root / "wandb-config"),
+               WANDB_SILENT="true", PYTHONPATH=str(REPO), **env)
+    out = subprocess.run(agent_command("local", "sweep.yaml", "--dir", "D", *args), cwd=root, env=env,
+                         capture_output=True, text=True, timeout=150)
+    assert out.returncode in (0, 1), out.stdout + out.stderr  # 1: failed trials, which we want here
+    return root / "D"
+
+
+@pytest.fixture(scope="module")
+def foreign_dir(tmp_path_factory) -> Path:
+    """6 trials of a plain W&B program logging `loss`; those with x > 0.8 exit 1 (failed)."""
+    root = tmp_path_factory.mktemp("foreign")
+    shutil.copy(FOREIGN, root / "foreign_train.py")
+    return run_sweep(root, {"program": "foreign_train.py", "method": "grid",
+                            "metric": {"name": "loss", "goal": "minimize"},
+                            "parameters": {"x": {"values": [0.2, 0.5, 0.9]}, "opt": {"values": ["adam", "sgd"]}}},
+                     "--workers", "2", FAIL_ABOVE="0.8")
+
+
+@pytest.fixture(scope="module")
+def ours_dir(tmp_path_factory) -> Path:
+    """Our program on synthetic data, two trials side by side (hyperband stops are tested in test_local)."""
+    return run_sweep(tmp_path_factory.mktemp("ours"), {
+        "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
+        "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
+        "parameters": {"lr": {"values": [3.0e-3, 1.0e-7]}, "dataset": {"value": "synthetic"},
+                       "max_epochs": {"value": 3}, "limit_train_batches": {"value": 3}},
+        "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]}, "--workers", "2")
+
+
+def states(directory: Path) -> dict[str, str]:
+    with sqlite3.connect(directory / "sweep.db") as db:
+        return dict(db.execute("SELECT id, state FROM trials"))
+
+
+def open_in_browser(html: Path, screenshot: Path) -> dict:
+    """Loads the page in headless Chromium with every network request watched; returns what it saw."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium) to open the report in")
+    from playwright.sync_api import sync_playwright
+
+    seen = {"errors": [], "failed": [], "requests": []}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: m.type == "error" and seen["errors"].append(m.text))
+        page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+        page.on("requestfailed", lambda r: seen["failed"].append(r.url))
+        page.on("request", lambda r: seen["requests"].append(r.url))
+        page.goto(html.as_uri(), wait_until="load")
+        seen["rows"] = page.locator("table.trials tbody tr").count()
+        seen["row_classes"] = page.eval_on_selector_all("table.trials tbody tr", "rs => rs.map(r => r.className)")
+        seen["images"] = page.eval_on_selector_all(
+            "img", "is => is.map(i => ({alt: i.alt, width: i.naturalWidth, src: i.src.slice(0, 22)}))")
+        seen["text"] = page.inner_text("body")
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return seen
+
+
+def assert_self_contained(seen: dict):
+    assert seen["errors"] == [] and seen["failed"] == []
+    assert [u for u in seen["requests"] if not u.startswith(("data:", "file:"))] == []
+    assert seen["images"]
+    assert all(i["width"] > 0 and i["src"].startswith("data:image/png;base64") for i in seen["images"])
+
+
+def test_report_of_our_program_opens_offline_with_plots_and_prediction_images(ours_dir, tmp_path):
+    path = write_report(ours_dir)
+    assert path == ours_dir / "report.html"
+    trials = states(ours_dir)
+    seen = open_in_browser(path, tmp_path / "report.png")
+    assert_self_contained(seen)
+    assert seen["rows"] == len(trials) == 2
+    assert sum("stopped" in c for c in seen["row_classes"]) == list(trials.values()).count("stopped")
+    plots = {i["alt"] for i in seen["images"] if i["alt"] in PLOTS}
+    assert plots == {"metric_over_trials", "parallel_coordinates", "learning_curves"}  # importance needs 3
+    assert "Needs at least 3 trials with a val_acc; 2 so far" in seen["text"]
+    assert sorted(p.stem for p in (ours_dir / "report").glob("*.png")) == sorted(plots)
+    examples = [i for i in seen["images"] if i["alt"].startswith("Pred: ")]
+    assert len(examples) == 32  # the last step's 32 captioned validation images
+    if os.environ.get("REPORT_SCREENSHOT"):
+        shutil.copy(tmp_path / "report.png", os.environ["REPORT_SCREENSHOT"])
+
+
+def test_report_of_a_foreign_sweep_marks_failures_and_has_no_images(foreign_dir, tmp_path, capsys):
+    assert report(str(foreign_dir)) == 0
+    assert capsys.readouterr().out.strip() == str(foreign_dir / "report.html")
+    trials = states(foreign_dir)
+    assert sorted(trials.values()) == ["failed", "failed", "finished", "finished", "finished", "finished"]
+    seen = open_in_browser(foreign_dir / "report.html", tmp_path / "report.png")
+    assert_self_contained(seen)
+    assert seen["rows"] == 6 and [c.split()[0] for c in seen["row_classes"]].count("failed") == 2
+    assert seen["row_classes"][0] == "finished best"
+    assert "exit code 1" in seen["text"] and "No prediction images" in seen["text"]
+    assert {i["alt"] for i in seen["images"]} == set(PLOTS)
+    assert sorted(p.stem for p in (foreign_dir / "report").glob("*.png")) == sorted(PLOTS)
+    html = (foreign_dir / "report.html").read_text()
+    assert "<script" not in html and "<link" not in html and "url(" not in html
+    assert {link[:5] for link in re.findall(r'(?:src|href)="([^"]*)"', html)} == {"data:"}
+    for name in ("x", "opt"):  # both swept parameters in the importance table
+        assert f"<tr><td>{name}</td>" in html
+
+
+def test_stopped_and_running_trials_are_marked_and_metricless_ones_last(foreign_dir, tmp_path):
+    copy = tmp_path / "D"
+    shutil.copytree(foreign_dir, copy, ignore=shutil.ignore_patterns("wandb", "report*"))
+    with sqlite3.connect(copy / "sweep.db") as db:
+        db.execute("UPDATE trials SET state = 'running', metric = NULL, history = '[]' WHERE seq = 1")
+        db.execute("UPDATE trials SET state = 'stopped', reason = 'early-terminated by hyperband' WHERE seq = 2")
+    html = write_report(copy).read_text()
+    rows = html.split("<tbody>")[1].split("</tbody>")[0].split("<tr")[1:]
+    metrics = [float(r.split("</td><td>")[2]) for r in rows[:-1]]
+    assert metrics == sorted(metrics) and rows[-1].startswith(' class="running"')
+    [stopped] = [r for r in rows if r.startswith(' class="stopped')]
+    assert "early-terminated by hyperband" in stopped
+
+    trials = Store(copy / "sweep.db").trials()
+    legend = [t.get_text() for t in learning_curves(trials, "loss", "minimize").axes[0].get_legend().get_texts()]
+    assert "stopped (hyperband)" in legend and any(trials[1].id in label for label in legend)
+    assert len(legend) == 5 + 1  # the top 5 (the stopped one among them) and the marker's entry
+
+
+def test_a_sweep_with_no_trials_yet_gets_placeholders(foreign_dir, tmp_path):
+    copy = tmp_path / "D"
+    copy.mkdir()
+    shutil.copy(foreign_dir / "sweep.db", copy / "sweep.db")
+    with sqlite3.connect(copy / "sweep.db") as db:
+        db.execute("DELETE FROM trials")
+    html = write_report(copy).read_text()
+    assert "No trial has logged loss yet" in html and "no trials yet" in html and "<img" not in html
+    assert list((copy / "report").glob("*.png")) == []
+
+
+def test_wandb_sweep_prints_runs_best_first_and_the_dashboard(mocker, capsys):
+    runs = [SimpleNamespace(id=i, state=s, summary={"val_acc": m, "_runtime": 61.0}, config={"lr": lr, "epochs": 3})
+            for i, s, m, lr in [("aaa", "finished", 0.5, 0.01), ("bbb", "killed", 0.7, 0.001),
+                                ("ccc", "running", None, 0.1), ("ddd", "finished", 0.9, 0.003)]]
+    sweep = SimpleNamespace(runs=runs, config={"method": "bayes", "metric": {"name": "val_acc", "goal": "maximize"},
+                                               "parameters": {"lr": {"min": 0.0001, "max": 0.1},
+                                                              "epochs": {"value": 3}}})
+    api = mocker.patch("wandb.Api")
+    api.return_value.sweep.return_value = sweep
+    assert report("me/cifar/abc123") == 0
+    api.return_value.sweep.assert_called_once_with("me/cifar/abc123")
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines()]
+    assert [w[0] for w in lines if w and w[0] in ("aaa", "bbb", "ccc", "ddd")] == ["ddd", "bbb", "aaa", "ccc"]
+    assert ["ddd", "finished", "0.9", "61s", "0.003"] in lines and ["bbb", "stopped", "0.7", "61s", "0.001"] in lines
+    assert "https://wandb.ai/me/cifar/sweeps/abc123" in out and "best val_acc 0.9 (ddd: lr=0.003)" in out
+
+
+def test_unknown_target_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="neither a local sweep folder"):
+        report(str(tmp_path))  # a folder, but no sweep.db
+    with pytest.raises(UsageError, match="ENTITY/PROJECT/SWEEP_ID"):
+        report("just-a-name")
