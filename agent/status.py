@@ -39,11 +39,11 @@ def summary_line(trials: list[Trial], metric: str | None, goal: str, params: lis
     best = best_trial(trials, goal)
     if best is not None:
         line += f" | best {metric} {best.metric:.4g} ({best.id}: " + \
-            " ".join(f"{p}={_short(best.config.get(p))}" for p in params) + ")"
+            " ".join(f"{p}={short(best.config.get(p))}" for p in params) + ")"
     return line
 
 
-def _short(value) -> str:
+def short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
@@ -55,7 +55,7 @@ def trial_table(trials: list[Trial], metric: str | None, params: list[str]) -> T
         duration = "" if t.duration is None else f"{t.duration:.0f}s"
         table.add_row(t.id, f"[{STATE_STYLE[t.state]}]{t.state}[/]",
                       "" if t.metric is None else f"{t.metric:.4g}", duration,
-                      *[_short(t.config.get(p, "")) for p in params], t.reason or "")
+                      *[short(t.config.get(p, "")) for p in params], t.reason or "")
     return table
 
 

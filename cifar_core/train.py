@@ -103,7 +103,7 @@ def train(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
         test = evaluate(system.net.to(trainer.strategy.root_device), *datamodule.test_set)
         test.pop("per_class_acc")
         trainer.logger.log_metrics(test, step=trainer.global_step)
-        artifact = log_model_artifact(run, best, score, epoch, config)
+        log_model_artifact(run, best, score, epoch, config)
     result = {
         "run_id": run.id,
         "test_acc": test["test_acc"],

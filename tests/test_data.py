@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from cifar_core.data import CIFAR10DataModule, DatasetError, augment_batch, normalize
+from cifar_core.data import CIFAR10DataModule, DatasetError, augment_batch
 from tests.conftest import CLASS_NAMES, write_cifar
 
 

@@ -1,0 +1,167 @@
+"""The plots of a sweep report: each a matplotlib Figure (Agg, no display), or None when there
+is nothing to draw yet. Used by agent/report.py."""
+
+import math
+
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from agent.status import short
+from agent.store import Trial
+
+COLORS = {"finished": "#2a9d4b", "running": "#1f8fc8", "pending": "#999999", "failed": "#d62728",
+          "crashed": "#a03cb4", "stopped": "#e09b00"}
+TOP_CURVES, MIN_FOR_IMPORTANCE = 5, 3
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def ranked(trials: list[Trial], goal: str) -> list[Trial]:
+    """Best first per the goal; trials with no metric last, in their own order."""
+    scored = sorted((t for t in trials if t.metric is not None), key=lambda t: t.metric, reverse=goal == "maximize")
+    ids = {t.id for t in scored}
+    return scored + [t for t in trials if t.id not in ids]
+
+
+# the plots: each a Figure, or None when there is nothing to draw yet
+
+def metric_over_trials(trials: list[Trial], metric: str, goal: str) -> Figure | None:
+    started = sorted((t for t in trials if t.started is not None), key=lambda t: t.started)
+    points = [(i, t) for i, t in enumerate(started, 1) if t.metric is not None]
+    if not points:
+        return None
+    fig = Figure(figsize=(9, 3.6), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for state, color in COLORS.items():
+        mine = [(i, t.metric) for i, t in points if t.state == state]
+        if mine:
+            ax.scatter(*zip(*mine), color=color, label=state, zorder=3)
+    best = (np.maximum if goal == "maximize" else np.minimum).accumulate([t.metric for _, t in points])
+    ax.step([i for i, _ in points], best, where="post", color="#333", label="best so far")
+    ax.set(xlabel="trial, in start order", ylabel=metric, title=f"{metric} over trials ({goal})",
+           xlim=(0.5, len(started) + 0.5))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _axis(values: list) -> tuple[list[float], list[tuple[float, str]], bool]:
+    """Each value's position in [0, 1], the axis ticks, whether it is a log axis."""
+    if all(is_number(v) for v in values):
+        lo, hi = min(values), max(values)
+        log = lo > 0 and hi / lo > 100
+        scale = math.log10 if log else float
+        a, b = scale(lo), scale(hi)
+        if a == b:
+            return [0.5] * len(values), [(0.5, short(lo))], False
+        if log:  # the ends and the whole decades between them
+            inner = [k for k in range(math.ceil(a), math.floor(b) + 1) if min(k - a, b - k) > 0.08 * (b - a)]
+            ticks = [(0.0, short(lo)), *(((k - a) / (b - a), f"1e{k}") for k in inner), (1.0, short(hi))]
+        else:
+            ticks = [(k / 4, short(a + k * (b - a) / 4)) for k in range(5)]
+        return [(scale(v) - a) / (b - a) for v in values], ticks, log
+    categories = sorted({short(v) for v in values})
+    where = {c: (i / (len(categories) - 1) if len(categories) > 1 else 0.5) for i, c in enumerate(categories)}
+    return [where[short(v)] for v in values], [(p, c) for c, p in where.items()], False
+
+
+def parallel_coordinates(trials: list[Trial], metric: str, goal: str, params: list[str]) -> Figure | None:
+    scored = [t for t in trials if t.metric is not None]
+    if not scored or not params:
+        return None
+    names = [*params, metric]
+    axes = [_axis([t.config.get(p) for t in scored]) for p in params] + [_axis([t.metric for t in scored])]
+    fig = Figure(figsize=(max(6.0, 2.0 * len(names)), 4.2), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    cmap = "viridis" if goal == "maximize" else "viridis_r"
+    colors = ScalarMappable(Normalize(min(t.metric for t in scored), max(t.metric for t in scored)), cmap)
+    order = sorted(range(len(scored)), key=lambda i: scored[i].metric, reverse=goal != "maximize")
+    for i in order:  # the best drawn last, on top
+        ax.plot(range(len(names)), [positions[i] for positions, _, _ in axes],
+                color=colors.to_rgba(scored[i].metric), lw=1.8, alpha=0.85)
+    for x, (_, ticks, _) in enumerate(axes):
+        ax.axvline(x, color="#444", lw=1)
+        for y, label in ticks:
+            ax.text(x + 0.03, y, label, fontsize=8, va="center",
+                    bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
+    ax.set_xticks(range(len(names)), [n + (" (log)" if log else "") for n, (_, _, log) in zip(names, axes)])
+    ax.xaxis.tick_top()
+    ax.set_yticks([])
+    ax.set_xlim(-0.1, len(names) - 0.6)
+    ax.set_ylim(-0.05, 1.05)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.colorbar(colors, ax=ax, label=metric, pad=0.01)
+    return fig
+
+
+def importance(trials: list[Trial], metric: str, params: list[str]) -> list[tuple[str, float, float]] | str:
+    """(param, importance, correlation) rows, most important first, as W&B's panel computes them; or why not."""
+    scored = [t for t in trials if t.metric is not None]
+    if not params:
+        return "No parameter varies in this sweep."
+    if len(scored) < MIN_FOR_IMPORTANCE:
+        return f"Needs at least {MIN_FOR_IMPORTANCE} trials with a {metric}; {len(scored)} so far."
+    from sklearn.ensemble import RandomForestRegressor  # slow to import; only here
+
+    y = np.array([t.metric for t in scored])
+    columns, owners, correlation = [], [], {}
+    for p in params:
+        values = [t.config.get(p) for t in scored]
+        if all(is_number(v) for v in values):
+            mine = [np.array(values, dtype=float)]
+        else:  # one-hot; the correlation of its most correlated category
+            labels = [short(v) for v in values]
+            mine = [np.array([v == c for v in labels], dtype=float) for c in sorted(set(labels))]
+        rs = [float(np.corrcoef(c, y)[0, 1]) for c in mine if c.std() > 0 and y.std() > 0]
+        correlation[p] = max(rs, key=abs) if rs else math.nan
+        columns += mine
+        owners += [p] * len(mine)
+    forest = RandomForestRegressor(n_estimators=100, random_state=0).fit(np.column_stack(columns), y)
+    total = dict.fromkeys(params, 0.0)
+    for owner, value in zip(owners, forest.feature_importances_):
+        total[owner] += float(value)
+    return sorted(((p, total[p], correlation[p]) for p in params), key=lambda row: -row[1])
+
+
+def importance_chart(rows: list[tuple[str, float, float]], metric: str) -> Figure:
+    fig = Figure(figsize=(9, 0.45 * len(rows) + 1.4), dpi=100, layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True)
+    names = [r[0] for r in rows][::-1]
+    left.barh(names, [r[1] for r in rows][::-1], color="#6a5acd")
+    left.set(title="importance", xlim=(0, 1))
+    corr = [0.0 if math.isnan(r[2]) else r[2] for r in rows][::-1]
+    right.barh(names, corr, color=["#2a9d4b" if c >= 0 else "#d62728" for c in corr])
+    right.set(title=f"correlation with {metric}", xlim=(-1, 1))
+    right.axvline(0, color="#444", lw=0.8)
+    return fig
+
+
+def learning_curves(trials: list[Trial], metric: str, goal: str) -> Figure | None:
+    top = [t for t in ranked(trials, goal) if t.metric is not None][:TOP_CURVES]
+    chosen = top + [t for t in trials if t.state == "stopped" and t.id not in {s.id for s in top}]
+    curves = [(t, [(i, v) for i, v in enumerate(t.history, 1) if is_number(v)]) for t in chosen]
+    curves = [(t, points) for t, points in curves if points]
+    if not curves:
+        return None
+    fig = Figure(figsize=(9, 4), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for t, points in curves:
+        xs, ys = zip(*points)
+        label = f"{t.id} ({t.state}" + (f", {t.metric:.4g})" if t.metric is not None else ")")
+        [line] = ax.plot(xs, ys, marker="o", ms=3, label=label)
+        if t.state == "stopped":
+            ax.plot(xs[-1], ys[-1], marker="x", ms=11, mew=2.5, color=line.get_color())
+    if any(t.state == "stopped" for t, _ in curves):
+        ax.plot([], [], "x", color="#333", ms=9, mew=2.5, label="stopped (hyperband)")
+    ax.set(xlabel="logged step (epoch, for our program)", ylabel=metric, title=f"{metric} per trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return fig
