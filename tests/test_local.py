@@ -157,19 +157,20 @@ def test_a_misspelt_parameter_is_refused_before_any_trial(tmp_path, offline_env)
 
 
 def test_hyperband_stops_bad_trials_of_our_program_and_each_keeps_its_best_model(tmp_path, offline_env):
-    # Good learning rates first, so the hopeless ones meet a bar at their first hyperband band.
+    # Good learning rates first, and epochs long enough (12 batches) that they already beat chance at
+    # epoch 1: the hopeless ones then meet the bar at the first band, with 5 epochs left to be stopped in.
     sweep = write_yaml(tmp_path / "hb.yaml", {
         "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
         "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
         "parameters": {"lr": {"values": [3.0e-3, 1.0e-3, 1.0e-7, 3.0e-7]}, "dataset": {"value": "synthetic"},
-                       "max_epochs": {"value": 6}, "limit_train_batches": {"value": 4},
+                       "max_epochs": {"value": 6}, "limit_train_batches": {"value": 12},
                        "early_stopping_patience": {"value": 10}},
         "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]})
     out = local(sweep, "--workers", "2", "--dir", "D", timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     trials = status(tmp_path / "D")
     assert len(trials) == 4 and {t["state"] for t in trials} <= {"finished", "stopped"}
-    assert any(t["state"] == "stopped" for t in trials), trials
+    assert [t["state"] for t in trials if t["config"]["lr"] < 1e-6] == ["stopped", "stopped"], trials
     for t in trials:
         [run_dir] = (tmp_path / "D" / "wandb").glob(f"offline-run-*-{t['id']}")
         [artifact] = [r["artifact"] for r in run_records(run_dir) if r["type"] == "artifact"]
