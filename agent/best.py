@@ -17,7 +17,6 @@ line that trains it again; and its best checkpoint (locally the file its run log
 """
 
 import json
-import re
 import shlex
 import warnings
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from agent.errors import UsageError
+from agent.errors import SWEEP_PATH, UsageError
 from agent.run import make_config
 from agent.runlog import RunLogReader, history_row
 from agent.status import best_trial, console, open_store
@@ -257,7 +256,7 @@ def export_torchscript(net: nn.Module, class_names, path: str, best: Best) -> No
 def find_best(target: str) -> Best:
     if Path(target).is_dir():
         return local_best(target)
-    if re.fullmatch(r"[^/\s]+/[^/\s]+/[^/\s]+", target):
+    if SWEEP_PATH.fullmatch(target):
         return wandb_best(target)
     raise UsageError(f"{target}: neither a local sweep directory nor ENTITY/PROJECT/SWEEP_ID")
 

@@ -1,6 +1,12 @@
 """User mistakes: raised with a one-line message, printed by __main__ without a traceback."""
 
+import re
+
 from pydantic import ValidationError
+
+# What ENTITY/PROJECT/SWEEP_ID looks like: how create, launch, report and best tell a W&B sweep
+# from a local one.
+SWEEP_PATH = re.compile(r"[^/\s]+/[^/\s]+/[^/\s]+")
 
 
 class UsageError(Exception):

@@ -17,10 +17,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from agent.errors import UsageError
+from agent.errors import SWEEP_PATH, UsageError
 from agent.validate import load_sweep, sweep_problems
 
-SWEEP_PATH = re.compile(r"^[\w.-]+/[\w.-]+/\w+$")
 RUN_STARTED = re.compile(r"Agent Starting Run: (\w+)")
 BACKOFF_BASE, BACKOFF_MAX = 2.0, 60.0  # seconds before restarting a dead agent: base ** crashes, capped
 
@@ -86,7 +85,7 @@ def agent_command(sweep_path: str, count: int | None) -> list[str]:
 class Launcher:
     def __init__(self, sweep_path: str, gpus: str, agents_per_gpu: int, count: int | None,
                  stagger: float, max_restarts: int):
-        if not SWEEP_PATH.match(sweep_path):
+        if not SWEEP_PATH.fullmatch(sweep_path):
             raise UsageError(f"{sweep_path!r}: expected ENTITY/PROJECT/SWEEP_ID")
         if agents_per_gpu < 1:
             raise UsageError("--agents-per-gpu must be at least 1")

@@ -10,7 +10,6 @@ transaction log while it is written. State is in DIR/sweep.db (agent/store.py).
 
 import ctypes
 import json
-import math
 import os
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from wandb.sdk.lib.runid import generate_id
 from agent.errors import UsageError
 from agent.runlog import RunLogReader, find_run_file
 from agent.status import SweepView
-from agent.store import LIVE, Store, Trial
+from agent.store import LIVE, Store, Trial, is_number
 from agent.validate import load_sweep, runs_our_program, sweep_problems, sweeps
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # W&B agent's default
@@ -252,7 +251,7 @@ class LocalSweep:
         values = [row[self.metric] for row in reader.poll() if self.metric in row]
         if values:
             history = self.store.trial(trial_id).history + values
-            self.store.update(trial_id, history=history, metric=_number(history[-1]))
+            self.store.update(trial_id, history=history, metric=float(history[-1]) if is_number(history[-1]) else None)
 
     def _finish(self, trial: Trial, code: int):
         del self.procs[trial.id]
@@ -264,7 +263,7 @@ class LocalSweep:
         elif code != 0:
             state, reason = "failed", f"exit code {code}: {self._last_log_line(trial.id)}"
         elif self.metric and trial.metric is None:
-            state, reason = "failed", f"{self.metric} is NaN" if trial.history else f"no {self.metric} logged"
+            state, reason = "failed", f"{self.metric} is NaN or infinite" if trial.history else f"no {self.metric} logged"
         else:
             state, reason = "finished", None
         self.store.update(trial.id, state=state, reason=reason, exit_code=code, ended=time.time())
@@ -307,10 +306,6 @@ class LocalSweep:
             if run.name in live:
                 self.store.update(run.name, stop_requested=time.time())
                 self.view.event(f"{run.name} stopping: hyperband")
-
-
-def _number(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None
 
 
 ENGINE_STATES = {"stopped": "finished"}  # W&B marks a run that exits cleanly after a stop finished

@@ -10,15 +10,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from agent.status import short
-from agent.store import Trial
+from agent.store import Trial, is_number
 
 COLORS = {"finished": "#2a9d4b", "running": "#1f8fc8", "pending": "#999999", "failed": "#d62728",
           "crashed": "#a03cb4", "stopped": "#e09b00"}
 TOP_CURVES, MIN_FOR_IMPORTANCE = 5, 3
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def ranked(trials: list[Trial], goal: str) -> list[Trial]:

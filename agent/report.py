@@ -23,14 +23,13 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from agent.errors import UsageError
-from agent.plots import (is_number, importance, importance_chart, learning_curves, metric_over_trials,
+from agent.errors import SWEEP_PATH, UsageError
+from agent.plots import (importance, importance_chart, learning_curves, metric_over_trials,
                          parallel_coordinates, ranked)
 from agent.runlog import RunLogReader
 from agent.status import STATE_STYLE, best_trial, console, open_store, short, summary_line, swept, trial_table
-from agent.store import Trial
+from agent.store import Trial, is_number
 
-SWEEP_PATH = re.compile(r"[^/\s]+/[^/\s]+/[^/\s]+")
 IMAGE_NAME = re.compile(r"examples_(\d+)_[0-9a-f]+\.png")
 CAPTION = re.compile(r"Pred: (.*), Label: (.*)")
 WANDB_STATES = {"killed": "stopped", "preempted": "crashed", "preempting": "running", "pending": "pending"}

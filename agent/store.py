@@ -7,6 +7,7 @@ time), so two controllers on one DIR never hand out the same trial.
 """
 
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -36,6 +37,11 @@ CREATE TABLE IF NOT EXISTS trials (
 );
 CREATE TABLE IF NOT EXISTS controllers (id TEXT PRIMARY KEY, host TEXT, pid INTEGER, heartbeat REAL);
 """
+
+
+def is_number(value) -> bool:
+    """A finite int or float (not a bool): a usable metric or parameter value."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass

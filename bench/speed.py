@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -40,21 +42,16 @@ GPU_PRESET = dict(model="resnet9", width=64, batch_size=512, optimizer="sgd", lr
                   augment=True, max_epochs=10, precision="bf16-mixed", channels_last=True)
 
 
-class TrainTimer:
+class TrainTimer(pl.Callback):
     """Seconds spent in fit's training loop (validation and test excluded)."""
 
-    def __new__(cls):
-        import lightning.pytorch as pl
+    seconds = 0.0
 
-        class _Timer(pl.Callback):
-            seconds = 0.0
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
 
-            def on_train_start(self, trainer, pl_module):
-                self.start = time.perf_counter()
-
-            def on_train_end(self, trainer, pl_module):
-                self.seconds = time.perf_counter() - self.start
-        return _Timer()
+    def on_train_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
 
 
 def data_throughput(data_dir: str, batches: int = 300) -> dict:
@@ -81,7 +78,6 @@ def data_throughput(data_dir: str, batches: int = 300) -> dict:
 def trial_child(which: str, data_dir: str, phase: str):
     """Runs a trial as its program would. phase=start: exits at the first training step;
     phase=end: trains 5 batches, prints when the last step ended, and runs to exit."""
-    import lightning.pytorch as pl
     import wandb
 
     class Stamp(pl.Callback):
@@ -141,7 +137,6 @@ def trial_overhead(data_dir: str, tmp: Path) -> tuple[dict, dict]:
 
 
 def seed_two_epochs(data_dir: str) -> tuple[float, float]:
-    import lightning.pytorch as pl
 
     from bench.seed_pipeline import SeedDataModule, SeedLitModel
 
@@ -156,7 +151,6 @@ def seed_two_epochs(data_dir: str) -> tuple[float, float]:
 
 
 def ours_on_schedule(data_dir: str, preset: dict, seed: int) -> tuple[float, float]:
-    import lightning.pytorch as pl
 
     from cifar_core.config import TrainConfig
     from cifar_core.evaluate import evaluate
