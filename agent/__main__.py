@@ -13,7 +13,7 @@
 import argparse
 import sys
 
-from agent.errors import RunPreempted, UsageError
+from agent.errors import RunEndedEarly, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"agent {args.command}: {e}", file=sys.stderr)
         return 2
-    except RunPreempted as e:
+    except RunEndedEarly as e:
         print(f"agent {args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -29,8 +29,9 @@ from torch import nn
 
 from agent.errors import SWEEP_PATH, UsageError
 from agent.run import make_config
-from agent.runlog import RunLogReader, history_row
+from agent.runlog import RunLogReader, find_run_files, history_row
 from agent.status import best_trial, console, open_store
+from cifar_core.checkpoints import BEST, checkpoint_dir, load_network
 from cifar_core.config import TrainConfig
 
 DONE = ("finished", "stopped")
@@ -98,24 +99,15 @@ def local_best(directory: str) -> Best:
     trial = best_trial([t for t in store.trials() if t.state in DONE], goal)
     if trial is None:
         raise UsageError(f"{directory}: no finished or stopped trial has a value of {name or 'the metric'} yet")
-    # The newest attempt of the run id that logged its best model (a retried trial has several).
-    logs = sorted(root.glob(f"wandb/offline-run-*-{trial.id}/run-{trial.id}.wandb"), reverse=True)
-    runs = [r for r in map(read_log, logs) if r is not None]
-    run = next((r for r in runs if r.artifact is not None), runs[0] if runs else None)
-    checkpoint, config = None, None
-    if run is not None and run.artifact is not None:
-        config = json.loads(run.artifact.metadata or "{}").get("config")
-        for entry in run.artifact.manifest.contents:
-            logged = Path(entry.local_path)  # absolute when logged; DIR may have moved since
-            moved = root / "wandb" / logged.parent.parent.name / "checkpoints" / logged.name
-            if entry.path == "model.ckpt":
-                checkpoint = next((p for p in (logged, moved) if p.is_file()), None)
+    # A retried trial has several attempts; the newest that saved a best model holds the best of all
+    # of them (a resumed attempt carries its predecessors' best).
+    attempts = [p.parent for p in reversed(find_run_files(root, trial.id))]
+    checkpoint = next((checkpoint_dir(a) / BEST for a in attempts if (checkpoint_dir(a) / BEST).is_file()), None)
     if checkpoint is None:
-        found = list(root.glob(f"wandb/*run-*-{trial.id}/checkpoints/epoch=*.ckpt"))
-        if not found:
-            raise UsageError(f"trial {trial.id}: no best checkpoint "
-                             f"({root}/wandb/*run-*-{trial.id}/checkpoints/epoch=*.ckpt missing)")
-        checkpoint = max(found, key=lambda p: p.stat().st_mtime)
+        raise UsageError(f"trial {trial.id}: no best model ({root}/wandb/offline-run-*-{trial.id}/"
+                         f"checkpoints/{BEST} missing)")
+    run = read_log(checkpoint.parent.parent / f"run-{trial.id}.wandb")
+    config = json.loads(run.artifact.metadata or "{}").get("config") if run and run.artifact else None
     if config is not None or (run is not None and known(run.config)):
         config = make_config(known(config if config is not None else run.config))
     else:  # no run log: the YAML's constants and the trial's values over the defaults
@@ -161,22 +153,11 @@ def first_line(error: BaseException) -> str:
 
 
 def load_net(path: Path) -> nn.Module:
-    """The network of a Lightning checkpoint of ours, rebuilt from its hyperparameters, in eval mode."""
+    """The network saved in a best-model checkpoint of ours, in eval mode."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        hp, state = checkpoint["hyper_parameters"], checkpoint["state_dict"]
+        return load_network(path)[0]
     except Exception as e:  # missing, truncated, not ours: all a bad checkpoint to the user
         raise UsageError(f"{path}: not a loadable checkpoint of this program ({first_line(e)})") from None
-    from cifar_core.model import build_model
-
-    weights = {k.removeprefix("net.").removeprefix("_orig_mod."): v for k, v in state.items() if k.startswith("net.")}
-    try:
-        net = build_model(hp.get("model", "seed_cnn"), hp.get("num_classes", 10), hp.get("dropout", 0.0),
-                          hp.get("width", 64))
-        net.load_state_dict(weights)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"{path}: weights do not fit {hp.get('model')} ({first_line(e)})") from None
-    return net.eval()
 
 
 def cifar_batches(best: Best) -> Path | None:

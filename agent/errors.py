@@ -13,10 +13,12 @@ class UsageError(Exception):
     """Bad input from the user (flag, file, value); exits 2 with its message."""
 
 
-class RunPreempted(Exception):
-    """The run saved its state on SIGTERM and must exit non-zero so that W&B requeues it."""
+class RunEndedEarly(Exception):
+    """The run ended on a preemption (its state saved, to be requeued) or a Ctrl-C: exit with `exit_code`."""
 
-    exit_code = 143  # 128 + SIGTERM: what a scheduler expects of a job it terminated
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -22,6 +22,10 @@ from agent.validate import load_sweep, sweep_problems
 
 RUN_STARTED = re.compile(r"Agent Starting Run: (\w+)")
 BACKOFF_BASE, BACKOFF_MAX = 2.0, 60.0  # seconds before restarting a dead agent: base ** crashes, capped
+POLL_SECONDS = 0.2
+# Seconds between W&B's stop (SIGTERM) and its SIGKILL of a run; W&B's default is 30. A stopped run
+# of ours tests and logs its best model first: a large test set on a slow box may need the margin.
+KILL_DELAY = "60"
 
 
 def create(path: str, project: str | None, entity: str | None) -> int:
@@ -93,11 +97,12 @@ class Launcher:
         self.slots = [AgentSlot(gpu, i) for gpu in parse_gpus(gpus) for i in range(agents_per_gpu)]
         self.stagger, self.max_restarts = stagger, max_restarts
         self.stopped_by: int | None = None  # the signal that stopped the launcher
+        self.forwarded = False  # whether the agents have been told
         self.relays: list[threading.Thread] = []
         self.lock = threading.Lock()
 
     def env(self, slot: AgentSlot) -> dict:
-        env = dict(os.environ)
+        env = dict({"WANDB_AGENT_KILL_DELAY": KILL_DELAY}, **os.environ)
         if slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
         return env
@@ -109,7 +114,7 @@ class Launcher:
         return 0
 
     def start(self, slot: AgentSlot):
-        # Own session: a terminal's Ctrl-C reaches the agents once, through _forward, not twice
+        # Own session: a terminal's Ctrl-C reaches the agents once, through forward(), not twice
         # (wandb agent takes a second signal as "kill the runs now").
         slot.proc = subprocess.Popen(self.command, env=self.env(slot), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
@@ -128,21 +133,46 @@ class Launcher:
                 sys.stdout.flush()
 
     def run(self) -> int:
-        previous = {s: signal.signal(s, self._forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for i, slot in enumerate(self.slots):
+                if i:  # staggered: agents asking at once would be handed the same first config
+                    self.pause(self.stagger)
                 if self.stopped_by:
                     break
-                if i:  # staggered: agents asking at once would be handed the same first config
-                    time.sleep(self.stagger)
                 self.start(slot)
             while not all(s.done or s.proc is None for s in self.slots):
                 self.supervise()
-                time.sleep(0.2)
+                self.pause(POLL_SECONDS)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return self.summary()
+
+    def _on_signal(self, signum, frame):
+        self.stopped_by = self.stopped_by or signum  # the loop acts on it (pause returns at once)
+
+    def pause(self, seconds: float):
+        """Sleeps, but passes a signal on to the agents within POLL_SECONDS."""
+        end = time.monotonic() + seconds
+        while True:
+            if self.stopped_by and not self.forwarded:
+                self.forward(self.stopped_by)
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, POLL_SECONDS))
+
+    def forward(self, signum: int):
+        """SIGTERM means the box is going away: first a preemption notice (SIGUSR1, which `wandb agent
+        --forward-signals` passes to its run and survives), so each run saves its state and is requeued;
+        then SIGTERM, so each agent waits for its run and takes no new one. SIGINT is passed on as is."""
+        self.forwarded = True
+        notices = [signal.SIGUSR1, signal.SIGTERM] if signum == signal.SIGTERM else [signum]
+        for slot in self.slots:
+            for notice in notices:
+                if slot.proc is not None and slot.proc.poll() is None:
+                    slot.proc.send_signal(notice)
 
     def supervise(self):
         for slot in self.slots:
@@ -168,12 +198,6 @@ class Launcher:
             else:
                 slot.restart_at = 0.0
                 self.start(slot)
-
-    def _forward(self, signum, frame):
-        self.stopped_by = signum
-        for slot in self.slots:
-            if slot.proc is not None and slot.proc.poll() is None:
-                slot.proc.send_signal(signum)
 
     def summary(self) -> int:
         for relay in self.relays:  # the last lines, and the run counts they carry

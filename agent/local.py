@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
@@ -58,8 +59,9 @@ def trial_command(sweep: dict, params: dict, args_json_file: Path) -> list[str]:
 
 
 def _die_with_parent():
-    # A trial outliving a kill -9'd controller would finish unseen; SIGTERM lets ours save first.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    # A trial outliving a kill -9'd controller would finish unseen. SIGUSR1 is a preemption notice:
+    # ours saves its full state, which --retry-crashed then resumes from.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
 
 
 def open_sweep(path: str, directory: str | None, sweep_id: str | None = None) -> tuple[Store, str, dict, Path]:
@@ -83,6 +85,14 @@ def open_sweep(path: str, directory: str | None, sweep_id: str | None = None) ->
     return store, sweep_id, sweep, root
 
 
+@dataclass
+class Running:
+    """A started trial: its process, the reader of its run log once it exists, when it was told to stop."""
+    proc: subprocess.Popen
+    reader: RunLogReader | None = None
+    signalled_at: float | None = None
+
+
 class LocalSweep:
     def __init__(self, store: Store, sweep_id: str, sweep: dict, root: Path, slots: list[str | None],
                  count: int | None, retry_crashed: bool, max_consecutive_failures: int, grace: float,
@@ -98,7 +108,8 @@ class LocalSweep:
         self.view = view
         self.report = report
         self.controller = generate_id(12)
-        self.procs: dict[str, tuple[subprocess.Popen, RunLogReader | None, float | None]] = {}
+        self.procs: dict[str, Running] = {}
+        self.signals_received = self.signals_handled = 0  # SIGINT/SIGTERM: the handler counts, the loop acts
         self.to_retry: list[str] = []
         self.earlier_logs: dict[str, Path | None] = {}
         self.exhausted = self.stopping = self.interrupted = False
@@ -118,6 +129,7 @@ class LocalSweep:
             with self.view:
                 while True:
                     self.store.heartbeat(self.controller)
+                    self.handle_signals()
                     self.poll_trials()
                     self.early_terminate()
                     if not (self.stopping or self.exhausted):
@@ -136,13 +148,25 @@ class LocalSweep:
         return 1 if self.failure_message else 0
 
     def _on_signal(self, signum, frame):
-        if self.interrupted:  # second Ctrl-C: no more grace
-            self.grace = 0
+        self.signals_received += 1
+
+    def handle_signals(self):
+        """First SIGINT/SIGTERM: stop the running trials (SIGTERM, then SIGKILL after --grace); a second: kill them."""
+        if self.signals_received == self.signals_handled:
+            return
+        first = self.signals_handled == 0
+        self.signals_handled = self.signals_received
         self.stopping = self.interrupted = True
-        self.view.event("interrupted: stopping running trials (they are marked crashed; resume with --retry-crashed)")
-        for trial_id, (proc, _, _) in self.procs.items():
-            self._signal(proc, signal.SIGTERM if self.grace else signal.SIGKILL)
-            self.procs[trial_id] = (proc, self.procs[trial_id][1], time.time())
+        if first:
+            self.view.event("interrupted: stopping running trials (they are marked crashed; resume with "
+                            "--retry-crashed); interrupt again to kill them")
+        else:
+            self.view.event("interrupted again: killing running trials")
+            self.grace = 0
+        for running in self.procs.values():
+            if running.signalled_at is None or not first:
+                self._signal(running.proc, signal.SIGTERM if first else signal.SIGKILL)
+                running.signalled_at = running.signalled_at or time.time()
 
     # trials
 
@@ -194,10 +218,11 @@ class LocalSweep:
         if "${args_json_file}" in (self.sweep.get("command") or []):
             args_json_file.write_text(json.dumps(trial.config))
         # wandb-core writes the run log every 15 s by default: too late for hyperband decisions.
-        env = dict({"WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0.5"}, **os.environ)
-        # AGENT_SIGTERM=stop: our program takes SIGTERM as an early stop (test, log best, exit 0),
-        # not as a preemption to be requeued; it saves its resumable state either way.
-        env.update(WANDB_SWEEP_ID=self.sweep_id, WANDB_RUN_ID=trial.id, WANDB_MODE="offline", AGENT_SIGTERM="stop",
+        # W&B stages each logged model file in WANDB_DATA_DIR until a sync uploads it: keep a local
+        # sweep's copies with the sweep.
+        env = dict({"WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0.5", "WANDB_DATA_DIR": str(self.root / "wandb-data")},
+                   **os.environ)
+        env.update(WANDB_SWEEP_ID=self.sweep_id, WANDB_RUN_ID=trial.id, WANDB_MODE="offline",
                    WANDB_SWEEP_PARAM_PATH=str(param_path), WANDB_DIR=str(self.root))
         if self.sweep.get("project"):
             env["WANDB_PROJECT"] = self.sweep["project"]
@@ -220,28 +245,26 @@ class LocalSweep:
             self._count_failure(trial.id, f"cannot start {command[0]}: {e.strerror}")
             return
         self.store.update(trial.id, state="running", pid=proc.pid, slot=device, started=time.time())
-        self.procs[trial.id] = (proc, None, None)
+        self.procs[trial.id] = Running(proc)
         self.slot_trials[slot] = trial.id
         # a retried trial reuses its run id: its earlier attempt's log is not this attempt's
         self.earlier_logs[trial.id] = find_run_file(self.root, trial.id)
         self.view.event(f"{trial.id} started: {' '.join(command)}")
 
     def poll_trials(self):
-        for trial_id, (proc, reader, signalled_at) in list(self.procs.items()):
-            reader = reader or self._reader(trial_id)
-            code = proc.poll()
-            if reader is not None:
-                self._record_metrics(trial_id, reader)
+        for trial_id, running in list(self.procs.items()):
+            running.reader = running.reader or self._reader(trial_id)
+            code = running.proc.poll()
+            if running.reader is not None:
+                self._record_metrics(trial_id, running.reader)
             trial = self.store.trial(trial_id)
             if code is not None:
                 self._finish(trial, code)
-                continue
-            if trial.stop_requested and signalled_at is None:
-                self._signal(proc, signal.SIGTERM)
-                signalled_at = time.time()
-            elif signalled_at is not None and time.time() - signalled_at > self.grace:
-                self._signal(proc, signal.SIGKILL)
-            self.procs[trial_id] = (proc, reader, signalled_at)
+            elif trial.stop_requested and running.signalled_at is None:
+                self._signal(running.proc, signal.SIGTERM)
+                running.signalled_at = time.time()
+            elif running.signalled_at is not None and time.time() - running.signalled_at > self.grace:
+                self._signal(running.proc, signal.SIGKILL)
 
     def _reader(self, trial_id: str) -> RunLogReader | None:
         path = find_run_file(self.root, trial_id)

@@ -7,11 +7,11 @@ override the flags and defaults), validates the run's final config, and trains.
 
 import os
 
-import wandb
 from pydantic import ValidationError
 
-from agent.errors import RunPreempted, UsageError, describe_validation_error
+from agent.errors import RunEndedEarly, UsageError, describe_validation_error
 from cifar_core.config import TrainConfig
+from cifar_core.stopping import EXIT_CODES, INTERRUPT, PREEMPT, StopRequests
 
 
 def parse_flags(argv: list[str]) -> dict[str, str]:
@@ -49,25 +49,32 @@ def config_help() -> str:
 
 
 def run(argv: list[str]) -> dict:
+    """Trains; raises RunEndedEarly when a preemption or Ctrl-C must set a non-zero exit code."""
     config = make_config(parse_flags(argv))  # fail before any run exists
-    # resume="allow": a requeued (preempted) sweep run comes back under its own id and continues
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT") or config.project,
-                     config=config.model_dump(), job_type="train", resume="allow")
-    try:
-        # Under a sweep the run's config holds the sweep's values; validate what will train.
-        config = make_config(dict(run.config))
-    except UsageError:
-        run.finish(exit_code=2)
-        raise
-    from cifar_core.train import Preempted, train  # torch and lightning load only for valid input
+    with StopRequests() as requests:  # from here on a stop is never lost, even during imports and wandb.init
+        import wandb
 
-    try:
-        result = train(config)
-    except Preempted as e:
-        run.finish(exit_code=RunPreempted.exit_code)
-        raise RunPreempted(str(e)) from None
-    except BaseException:
-        run.finish(exit_code=1)
-        raise
-    run.finish()
+        # resume="allow": a requeued (preempted) sweep run comes back under its own id and continues.
+        # stop_fn: W&B's stop reaches the run as a request, not as a KeyboardInterrupt mid-step.
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT") or config.project, config=config.model_dump(),
+                         job_type="train", resume="allow", settings=wandb.Settings(stop_fn=requests.wandb_stop))
+        try:
+            # Under a sweep the run's config holds the sweep's values; validate what will train.
+            config = make_config(dict(run.config))
+        except UsageError:
+            run.finish(exit_code=2)
+            raise
+        from cifar_core.train import Preempted, train  # torch and lightning load only for valid input
+
+        try:
+            result = train(config, requests=requests)
+        except Preempted as e:
+            run.finish(exit_code=EXIT_CODES[PREEMPT])
+            raise RunEndedEarly(str(e), EXIT_CODES[PREEMPT]) from None
+        except BaseException:
+            run.finish(exit_code=1)
+            raise
+        run.finish(exit_code=EXIT_CODES[requests.reason])
+    if requests.reason == INTERRUPT:
+        raise RunEndedEarly("interrupted; the best model so far is logged", EXIT_CODES[INTERRUPT])
     return result

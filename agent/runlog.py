@@ -31,10 +31,15 @@ BLOCK, CHUNK_HEADER = 32768, 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def find_run_file(wandb_dir: Path, run_id: str) -> Path | None:
-    """Offline run `run_id`'s log under `wandb_dir` (the run's WANDB_DIR); the newest if rerun, None if absent."""
+def find_run_files(wandb_dir: Path, run_id: str) -> list[Path]:
+    """The logs of every attempt of offline run `run_id` under `wandb_dir` (the runs' WANDB_DIR), oldest first."""
     # Directory names are offline-run-<YYYYmmdd_HHMMSS>-<id>, so name order is start order.
-    candidates = sorted(Path(wandb_dir).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    return sorted(Path(wandb_dir).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+
+
+def find_run_file(wandb_dir: Path, run_id: str) -> Path | None:
+    """The newest attempt's log of offline run `run_id`, None if it has none yet."""
+    candidates = find_run_files(wandb_dir, run_id)
     return candidates[-1] if candidates else None
 
 

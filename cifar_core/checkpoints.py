@@ -1,29 +1,38 @@
-"""Checkpoints that outlive the process: the best-model artifact, preemption, resume.
+"""Checkpoints that outlive the process: the best model as it improves, preemption, resume.
 
-A run that gets SIGTERM saves `preempt.ckpt` (weights, optimizer, loop state
-with the epoch, RNG states) before Lightning tears down. A run started again
-with the same run id (W&B requeues a preempted sweep run; the local controller's
---retry-crashed) finds the newest `preempt.ckpt`/`last.ckpt` of its earlier
-attempts, on disk or, after a move to another box, as the `resume-<id>` artifact.
+In `<run dir>/checkpoints/`:
+  best.ckpt     the network alone (weights and what rebuilds it: `save_network` / `load_network`),
+                written each time the monitored metric improves and logged at once as the W&B
+                artifact `model-<run id>` (aliases best, latest): a run killed later loses nothing.
+  last.ckpt     the full training state (optimizer, loop, RNG), each epoch: resume after a kill.
+  preempt.ckpt  the full training state where a preemption notice ended fit; logged as the
+                artifact `resume-<run id>`.
+A run started again with the same run id (W&B requeues a preempted sweep run; the local
+controller's --retry-crashed) resumes from the newest preempt.ckpt/last.ckpt of its earlier
+attempts, on disk or, after a move to another box, from the `resume-<id>` artifact.
 """
 
+import math
 import signal
 import subprocess
-import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 import wandb
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import nn
 
-from cifar_core.config import TrainConfig
+from cifar_core.model import build_model
+from cifar_core.stopping import PREEMPT, StopRequests
 
+BEST = "best.ckpt"
 RESUMABLE = ("preempt.ckpt", "last.ckpt")
 
 
-def checkpoint_dir(run) -> Path:
-    """Inside the run's own directory, so a copied (or synced) run keeps its files."""
-    return Path(run.dir).parent / "checkpoints"
+def checkpoint_dir(run_dir: Path) -> Path:
+    """Inside the run's own directory (`Path(run.dir).parent`), so a copied (or synced) run keeps its files."""
+    return Path(run_dir) / "checkpoints"
 
 
 def git_commit() -> str | None:
@@ -35,30 +44,41 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def log_model_artifact(run, path: Path, score: float | None, epoch: int, config: TrainConfig) -> wandb.Artifact:
-    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={
-        config.monitor: score,
-        "monitor": config.monitor,
-        "epoch": epoch,
-        "config": config.model_dump(),
-        "git_commit": git_commit(),
-    })
-    # "immutable": referenced where it lies, inside the run's directory, instead of being
-    # copied to ~/.local/share/wandb staging, so a copied run directory still syncs.
-    artifact.add_file(str(path), name="model.ckpt", policy="immutable")
+def save_network(path: Path, network: dict, weights: dict, **info) -> None:
+    """`network`: build_model's keyword arguments; `weights`: the net's state dict (on the CPU)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"network": network, "state_dict": weights, **info}, tmp)
+    tmp.replace(path)  # a reader (or a kill) never sees half a file
+
+
+def load_network(path: Path) -> tuple[nn.Module, dict]:
+    """The network saved by save_network, in eval mode, and the checkpoint's other entries.
+    weights_only: a checkpoint from elsewhere (a W&B artifact) cannot run code when loaded."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    net = build_model(**checkpoint.pop("network"))
+    net.load_state_dict(checkpoint.pop("state_dict"))
+    return net.eval(), checkpoint
+
+
+def log_model_artifact(run, path: Path, metadata: dict) -> None:
+    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=metadata)
+    # The default policy copies the file into W&B's staging area now, so best.ckpt may be
+    # overwritten by the next improvement while an upload of this one is still under way.
+    artifact.add_file(str(path), name="model.ckpt")
     run.log_artifact(artifact, aliases=["best", "latest"])
-    return artifact
 
 
 def log_resume_artifact(run, path: Path) -> None:
     artifact = wandb.Artifact(f"resume-{run.id}", type="checkpoint", metadata={"reason": "preempted"})
+    # Referenced in place: nothing writes preempt.ckpt again before this process has exited.
     artifact.add_file(str(path), name="resume.ckpt", policy="immutable")
     run.log_artifact(artifact, aliases=["latest"])
 
 
 def find_resume_checkpoint(run) -> Path | None:
     """The newest resumable checkpoint of an earlier attempt of this run id, or None."""
-    current = checkpoint_dir(run)
+    current = checkpoint_dir(Path(run.dir).parent)
     local = [p for p in Path(run.dir).parent.parent.glob(f"*run-*-{run.id}/checkpoints/*.ckpt")
              if p.name in RESUMABLE and p.parent != current]
     if local:
@@ -72,34 +92,54 @@ def find_resume_checkpoint(run) -> Path | None:
     return None
 
 
-class PreemptionCheckpoint(pl.Callback):
-    """On SIGTERM, saves the full training state before Lightning tears the run down."""
+class BestModel(pl.Callback):
+    """Keeps the best weights so far (in memory and as best.ckpt) and logs each improvement as the
+    run's model artifact. Its state goes into last.ckpt/preempt.ckpt, so a resumed run on another
+    box still knows the best of its earlier attempts."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, run, path: Path, monitor: str, mode: str, metadata: dict):
+        self.run, self.path, self.monitor, self.mode, self.metadata = run, path, monitor, mode, metadata
+        self.score: float | None = None
+        self.epoch: int | None = None
+        self.weights: dict | None = None
+
+    def improves(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        return self.score is None or (value > self.score if self.mode == "max" else value < self.score)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None or not self.improves(float(value)):
+            return
+        self.score, self.epoch = float(value), trainer.current_epoch
+        self.weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.net.state_dict().items()}
+        self.save_and_log(pl_module.network)
+
+    def save_and_log(self, network: dict, **extra) -> None:
+        save_network(self.path, network, self.weights, epoch=self.epoch, monitor=self.monitor, score=self.score)
+        log_model_artifact(self.run, self.path, {**self.metadata, self.monitor: self.score, "epoch": self.epoch,
+                                                 **extra})
+
+    def state_dict(self) -> dict:
+        return {"score": self.score, "epoch": self.epoch, "weights": self.weights}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.score, self.epoch, self.weights = state_dict["score"], state_dict["epoch"], state_dict["weights"]
+
+
+class EndFitOnRequest(pl.Callback):
+    """A request that came before fit began (Lightning forgets SIGTERMs from before fit) ends fit at
+    the first batch, as one during fit does; on a preemption, saves the full state before Lightning
+    tears down."""
+
+    def __init__(self, requests: StopRequests, preempt_path: Path):
+        self.requests, self.preempt_path = requests, preempt_path
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        if self.requests.reason is not None and self.requests.listening:
+            signal.raise_signal(signal.SIGTERM)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException):
-        if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)
-
-
-class SigtermRecorder:
-    """Turns SIGTERM into a flag for the whole run. During fit Lightning chains this handler to
-    its own, which ends fit at the next batch; afterwards a SIGTERM no longer kills the process
-    before the best checkpoint is tested and logged."""
-
-    def __init__(self):
-        self.received = False
-
-    def __enter__(self):
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._record)
-        return self
-
-    def _record(self, signum, frame):
-        self.received = True
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        if isinstance(exception, SIGTERMException) and self.requests.reason == PREEMPT:
+            trainer.save_checkpoint(self.preempt_path)

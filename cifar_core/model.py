@@ -61,9 +61,10 @@ class ResNet9(nn.Module):
 MODELS = ("seed_cnn", "resnet9")
 
 
-def build_model(name: str, num_classes: int = 10, dropout: float = 0.0, width: int = 64) -> nn.Module:
-    if name == "seed_cnn":
+def build_model(model: str, num_classes: int = 10, dropout: float = 0.0, width: int = 64) -> nn.Module:
+    """The network named `model`; its arguments are what a checkpoint stores to rebuild it."""
+    if model == "seed_cnn":
         return SeedCNN(num_classes, dropout)
-    if name == "resnet9":
+    if model == "resnet9":
         return ResNet9(num_classes, width, dropout)
-    raise ValueError(f"model: unknown {name!r}; allowed: {', '.join(MODELS)}")
+    raise ValueError(f"model: unknown {model!r}; allowed: {', '.join(MODELS)}")

@@ -20,7 +20,8 @@ class ImageClassifier(pl.LightningModule):
         # Saved into every checkpoint so it rebuilds without the run's config; kept out of the
         # logger because W&B's run config (set once, by wandb.init) is the record of the run.
         self.save_hyperparameters(logger=False)
-        self.net = build_model(model, num_classes, dropout, width)
+        self.network = dict(model=model, num_classes=num_classes, dropout=dropout, width=width)  # rebuilds self.net
+        self.net = build_model(**self.network)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         # One metric object per stage: epoch accuracy over all samples, not a mean of batch means.

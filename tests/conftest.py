@@ -1,13 +1,13 @@
 """Shared fixtures: tiny CIFAR-10 data in the official python format, offline W&B."""
 
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import offline_env as offline_env_under
+
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -38,14 +38,8 @@ def cifar_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def offline_env(tmp_path, monkeypatch) -> dict:
-    """Environment for a subprocess run of our program: offline W&B writing under tmp_path."""
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
-           "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-           "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
+    """This process's environment set for offline W&B under tmp_path (subprocesses inherit it)."""
+    env = offline_env_under(tmp_path)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
-
-
-def agent_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent", *args]

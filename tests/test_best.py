@@ -19,10 +19,10 @@ from agent.errors import UsageError
 from agent.run import make_config, parse_flags
 from agent.store import Store
 from cifar_core.data import CLASSES, normalize, synthetic_split
+from cifar_core.checkpoints import save_network
+from cifar_core.model import build_model
 from cifar_core.system import ImageClassifier
-from tests.conftest import REPO, agent_command
-
-CLI_WIRED = '"best"' in (REPO / "agent" / "__main__.py").read_text()
+from tests.helpers import agent_command, fresh_env, leet_summary
 
 # Run in a process where neither this checkout nor any installed copy of the project can be imported.
 CLEAN_CHECK = r"""
@@ -41,9 +41,7 @@ print(json.dumps({"predict": model.predict(x).tolist(), "argmax": model(x).argma
 def sweep(tmp_path_factory):
     """A real grid sweep of our program: two learning rates, synthetic data, two short epochs."""
     root = tmp_path_factory.mktemp("best")
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_DATA_DIR=str(root / "wandb-data"),
-               WANDB_CACHE_DIR=str(root / "wandb-cache"), WANDB_CONFIG_DIR=str(root / "wandb-config"),
-               WANDB_SILENT="true", PYTHONPATH=str(REPO))
+    env = fresh_env(root)
     (root / "grid.yaml").write_text(yaml.safe_dump({
         "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
         "parameters": {"lr": {"values": [3.0e-3, 1.0e-3]}, "dataset": {"value": "synthetic"},
@@ -57,9 +55,7 @@ def sweep(tmp_path_factory):
     top = max(t.metric for t in trials)
     winner = next(t for t in trials if t.metric == top)  # ties: the first, as `agent status` shows
     [run_dir] = (root / "D" / "wandb").glob(f"offline-run-*-{winner.id}")
-    summary = json.loads(subprocess.run(["wandb", "leet", "inspect", "--summary", "--json", str(run_dir)],
-                                        capture_output=True, text=True, check=True, timeout=60).stdout)
-    return SimpleNamespace(dir=root / "D", env=env, trial=winner, run_dir=run_dir, logged=summary)
+    return SimpleNamespace(dir=root / "D", env=env, trial=winner, run_dir=run_dir, logged=leet_summary(run_dir))
 
 
 def report(capsys, target, evaluate=False, export=None) -> dict:
@@ -71,13 +67,12 @@ def report(capsys, target, evaluate=False, export=None) -> dict:
 
 
 def checkpoint_predictions(path: Path, images: torch.Tensor) -> list[int]:
-    """Independently of agent.best: the Lightning system as training built it, from the checkpoint."""
+    """Independently of agent.best: the network as training built it, from the checkpoint."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    system = ImageClassifier(**checkpoint["hyper_parameters"])
-    state = {k.replace("net._orig_mod.", "net."): v for k, v in checkpoint["state_dict"].items()}
-    system.load_state_dict(state)
+    net = build_model(**checkpoint["network"])
+    net.load_state_dict(checkpoint["state_dict"])
     with torch.inference_mode():
-        return system.net.eval()(normalize(images)).argmax(-1).tolist()
+        return net.eval()(normalize(images)).argmax(-1).tolist()
 
 
 def run_clean(model: Path, images: torch.Tensor, tmp_path: Path) -> dict:
@@ -99,12 +94,9 @@ def test_prints_best_trial_a_run_line_that_parses_back_and_its_checkpoint(sweep,
     assert config == make_config({k: v for k, v in sweep.logged["config"].items() if not k.startswith("_")})
     for key, value in sweep.trial.config.items():
         assert getattr(config, key) == value, key
-    checkpoint = Path(out["checkpoint"])
-    assert checkpoint.is_file() and checkpoint.parent == sweep.run_dir / "checkpoints"
-    assert re.fullmatch(r"epoch=\d+\.ckpt", checkpoint.name)
+    assert Path(out["checkpoint"]) == sweep.run_dir / "checkpoints" / "best.ckpt"
 
 
-@pytest.mark.skipif(not CLI_WIRED, reason="agent/__main__.py has no `best` command yet")
 def test_cli_prints_the_same(sweep, tmp_path):
     out = subprocess.run(agent_command("best", str(sweep.dir)), cwd=tmp_path, env=sweep.env, capture_output=True,
                          text=True, timeout=120)
@@ -163,10 +155,10 @@ def test_wandb_sweep_best_run_and_its_best_model_artifact(sweep, mocker, capsys,
 def test_a_compiled_resnet9_checkpoint_exports_by_tracing(mocker, capsys, tmp_path):
     torch.manual_seed(0)
     system = ImageClassifier(model="resnet9", width=8).eval()
+    system.net.compile()  # as build_system compiles: in place, so the saved names are the plain ones
     folder = tmp_path / "artifact"
     folder.mkdir()
-    state = {k.replace("net.", "net._orig_mod.", 1): v for k, v in system.state_dict().items()}  # torch.compile's
-    torch.save({"hyper_parameters": dict(system.hparams), "state_dict": state}, folder / "model.ckpt")
+    save_network(folder / "model.ckpt", system.network, system.net.state_dict())
     wandb_api(mocker, "r9", {"dataset": "synthetic", "model": "resnet9", "width": 8, "compile": True}, folder)
     out = report(capsys, "ent/proj/swp", export=str(tmp_path / "r9.pt"))
     assert "--model=resnet9" in out["config"] and "--compile=true" in out["config"]
@@ -177,7 +169,7 @@ def test_a_compiled_resnet9_checkpoint_exports_by_tracing(mocker, capsys, tmp_pa
 
 def test_cifar10_trials_evaluate_on_their_data_dir_and_missing_data_is_named(mocker, capsys, tmp_path, sweep,
                                                                               cifar_dir):
-    shutil.copy(next(sweep.run_dir.glob("checkpoints/epoch=*.ckpt")), tmp_path / "model.ckpt")
+    shutil.copy(sweep.run_dir / "checkpoints" / "best.ckpt", tmp_path / "model.ckpt")
     wandb_api(mocker, "abc", {"dataset": "cifar10", "data_dir": str(cifar_dir)}, tmp_path)
     out = report(capsys, "ent/proj/swp", evaluate=True)
     assert re.fullmatch(r"0\.\d{4} \(logged by the trial: 0\.5000\) on 50 images, CIFAR-10 test \(.*\)",
@@ -207,7 +199,7 @@ def test_user_mistakes_are_one_line_naming_the_thing(tmp_path, sweep, mocker):
     shutil.copy(sweep.dir / "sweep.db", no_runs / "sweep.db")
     with pytest.raises(UsageError) as e:
         best(str(no_runs), False, None)
-    assert f"trial {sweep.trial.id}: no best checkpoint" in one_line(e)
+    assert f"trial {sweep.trial.id}: no best model" in one_line(e)
 
     store = Store(tmp_path / "sweep.db")
     store.create_sweep("s1", {"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"}})

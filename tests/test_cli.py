@@ -5,7 +5,7 @@ import yaml
 
 from agent.run import parse_flags
 from agent.validate import validate
-from tests.conftest import REPO, agent_command
+from tests.helpers import REPO, agent_command
 
 
 def test_parse_flags_takes_every_form_wandb_args_macros_produce():

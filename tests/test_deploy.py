@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SBATCH = REPO / "deploy" / "slurm.sbatch"
 K8S = REPO / "deploy" / "k8s-job.yaml"

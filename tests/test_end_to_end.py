@@ -4,13 +4,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.conftest import agent_command
-
-
-def leet(*args: str):
-    out = subprocess.run(["wandb", "leet", "inspect", "--json", *args], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
-    return json.loads(out) if "--summary" in args else [json.loads(line) for line in out.splitlines()]
+from tests.helpers import agent_command, leet_records, leet_summary
 
 
 def test_agent_run_logs_config_metrics_images_and_best_model(cifar_dir, offline_env, tmp_path):
@@ -21,14 +15,14 @@ def test_agent_run_logs_config_metrics_images_and_best_model(cifar_dir, offline_
     assert out.returncode == 0, out.stderr[-3000:]
     [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
 
-    summary = leet("--summary", str(run_dir))
+    summary = leet_summary(run_dir)
     assert summary["state"] == "finished" and summary["exit_code"] == 0
     config = summary["config"]
     assert (config["optimizer"], config["lr"], config["batch_size"], config["nesterov"]) == ("sgd", 0.01, 16, True)
     assert config["max_epochs"] == 2 and config["data_dir"] == str(cifar_dir)
     assert 0 <= summary["summary"]["test_acc"] <= 1 and "test_loss" in summary["summary"]
 
-    records = leet(str(run_dir))
+    records = leet_records(run_dir)
     rows = [r["history"]["item"] for r in records if r["type"] == "history"]
     assert [row["epoch"] for row in rows if "val_acc" in row] == [0, 1]
     images = [row for row in rows if "examples.captions" in row]
@@ -37,12 +31,14 @@ def test_agent_run_logs_config_metrics_images_and_best_model(cifar_dir, offline_
     assert len(captions) == 20 and all(c.startswith("Pred: ") and ", Label: " in c for c in captions)
     assert all((run_dir / "files" / f).is_file() for f in images[-1]["examples.filenames"])
 
-    [artifact] = [r["artifact"] for r in records if r["type"] == "artifact"]
-    assert artifact["type"] == "model" and artifact["name"] == f"model-{summary['run_id']}"
-    assert set(artifact["aliases"]) == {"best", "latest"}
-    [entry] = artifact["manifest"]["contents"]
+    models = [r["artifact"] for r in records if r["type"] == "artifact"]
+    assert models and all(a["type"] == "model" and a["name"] == f"model-{summary['run_id']}" and
+                          set(a["aliases"]) == {"best", "latest"} for a in models)
+    final = models[-1]  # one per improvement, then the tested best with its test metrics
+    [entry] = final["manifest"]["contents"]
     assert entry["path"] == "model.ckpt" and Path(entry["local_path"]).is_file()
-    assert Path(entry["local_path"]).is_relative_to(run_dir)  # a copied run directory still syncs
-    metadata = json.loads(artifact["metadata"])
+    assert Path(entry["local_path"]).read_bytes() == (run_dir / "checkpoints" / "best.ckpt").read_bytes()
+    metadata = json.loads(final["metadata"])
     assert metadata["monitor"] == "val_acc" and metadata["epoch"] in (0, 1)
     assert metadata["config"]["optimizer"] == "sgd" and 0 <= metadata["val_acc"] <= 1
+    assert metadata["test_acc"] == summary["summary"]["test_acc"]

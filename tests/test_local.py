@@ -5,14 +5,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from agent.local import trial_command
-from tests.conftest import REPO, agent_command
+from tests.helpers import REPO, agent_command, leet_records, wait_for
 
 FOREIGN = REPO / "tests" / "programs" / "foreign_train.py"
 
@@ -42,12 +41,6 @@ def status(directory: Path) -> list[dict]:
     return json.loads(out.stdout)
 
 
-def run_records(run_dir: Path) -> list[dict]:
-    out = subprocess.run(["wandb", "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-    return [json.loads(line) for line in out.splitlines()]
-
-
 def test_trial_command_expands_wandb_macros_like_the_agent(tmp_path):
     params = {"lr": {"value": 0.01}, "nesterov": {"value": False}, "opt": {"value": "sgd"}}
     sweep = {"program": "train.py", "command": [
@@ -70,7 +63,7 @@ def test_foreign_bayes_sweep_runs_offline_on_two_workers(foreign_sweep, tmp_path
     sweep_id = sweep_dir.name.removeprefix("sweep-")
     for t in trials:
         [run_dir] = (tmp_path / "D" / "wandb").glob(f"offline-run-*-{t['id']}")
-        records = run_records(run_dir)
+        records = leet_records(run_dir)
         [run] = [r["run"] for r in records if r["type"] == "run"]
         assert run["sweep_id"] == sweep_id
         losses = [r["history"]["item"]["loss"] for r in records if r["type"] == "history"]
@@ -82,12 +75,8 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(foreign_sweep, tmp_path, m
     monkeypatch.setenv("SLEEP", "0.4")
     command = agent_command("local", str(foreign_sweep), "--count", "6", "--workers", "2", "--dir", "D")
     controller = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        time.sleep(0.5)
-        if (tmp_path / "D" / "sweep.db").exists() and \
-                sum(t["state"] == "finished" for t in status(tmp_path / "D")) >= 2:
-            break
+    wait_for(lambda: (tmp_path / "D" / "sweep.db").exists() and
+             sum(t["state"] == "finished" for t in status(tmp_path / "D")) >= 2, "2 finished trials", proc=controller)
     controller.send_signal(signal.SIGKILL)
     controller.wait()
     before = {t["id"]: t for t in status(tmp_path / "D")}
@@ -112,15 +101,14 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(foreign_sweep, tmp_path, m
     for trial_id in crashed:  # rerun under its own run id, with its own config
         assert final[trial_id]["config"] == by_id[trial_id]["config"]
         [*_, newest] = sorted((tmp_path / "D" / "wandb").glob(f"offline-run-*-{trial_id}"))
-        losses = [r["history"]["item"]["loss"] for r in run_records(newest) if r["type"] == "history"]
+        losses = [r["history"]["item"]["loss"] for r in leet_records(newest) if r["type"] == "history"]
         assert len(losses) == 3 and losses[-1] == pytest.approx(final[trial_id]["metric"])
 
 
 def test_two_controllers_on_one_dir_share_the_count_without_duplicates(foreign_sweep, tmp_path):
     command = agent_command("local", str(foreign_sweep), "--count", "6", "--dir", "D")
     first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    while not (tmp_path / "D" / "sweep.db").exists():
-        time.sleep(0.1)
+    wait_for(lambda: (tmp_path / "D" / "sweep.db").exists(), "the first controller's sweep.db", proc=first)
     second = local(foreign_sweep, "--count", "6", "--dir", "D")
     assert first.wait(timeout=150) == 0 and second.returncode == 0, second.stdout + second.stderr
     trials = status(tmp_path / "D")
@@ -158,13 +146,14 @@ def test_a_misspelt_parameter_is_refused_before_any_trial(tmp_path, offline_env)
 
 def test_hyperband_stops_bad_trials_of_our_program_and_each_keeps_its_best_model(tmp_path, offline_env):
     # Good learning rates first, and epochs long enough (12 batches) that they already beat chance at
-    # epoch 1: the hopeless ones then meet the bar at the first band, with 5 epochs left to be stopped in.
+    # epoch 1: the hopeless ones then meet the bar at the first band. Only a stop ends them before
+    # their 30th epoch, so how soon the controller reads their rows does not matter.
     sweep = write_yaml(tmp_path / "hb.yaml", {
         "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
         "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
         "parameters": {"lr": {"values": [3.0e-3, 1.0e-3, 1.0e-7, 3.0e-7]}, "dataset": {"value": "synthetic"},
-                       "max_epochs": {"value": 6}, "limit_train_batches": {"value": 12},
-                       "early_stopping_patience": {"value": 10}},
+                       "max_epochs": {"value": 30}, "limit_train_batches": {"value": 12},
+                       "early_stopping_patience": {"value": 30}},
         "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]})
     out = local(sweep, "--workers", "2", "--dir", "D", timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -173,5 +162,5 @@ def test_hyperband_stops_bad_trials_of_our_program_and_each_keeps_its_best_model
     assert [t["state"] for t in trials if t["config"]["lr"] < 1e-6] == ["stopped", "stopped"], trials
     for t in trials:
         [run_dir] = (tmp_path / "D" / "wandb").glob(f"offline-run-*-{t['id']}")
-        [artifact] = [r["artifact"] for r in run_records(run_dir) if r["type"] == "artifact"]
-        assert "best" in artifact["aliases"] and artifact["type"] == "model"
+        *_, final = [r["artifact"] for r in leet_records(run_dir) if r["type"] == "artifact"]
+        assert "best" in final["aliases"] and final["type"] == "model" and "test_acc" in final["metadata"]

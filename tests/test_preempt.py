@@ -1,47 +1,86 @@
-"""Preemption: SIGTERM mid-epoch saves and logs the training state; the same run id resumes it."""
+"""`python -m agent run` and the signals a terminal or a box sends it, as a real process: a
+preemption notice saves and logs the training state and the same run id resumes it; Ctrl-C and a
+plain SIGTERM end it with its best model logged. Signals are sent once the run's own log shows
+the epoch the test waits for."""
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
+from agent.runlog import RunLogReader, find_run_file
 from cifar_core.checkpoints import find_resume_checkpoint
-from tests.conftest import agent_command
-from tests.test_local import run_records
+from tests.helpers import agent_command, fresh_env, leet_records, records_of, run_dirs, wait_for
 
-ARGS = ("run", "--dataset=synthetic", "--max_epochs=3", "--limit_train_batches=60", "--early_stopping_patience=5")
+ARGS = ("run", "--dataset=synthetic", "--max_epochs=4", "--limit_train_batches=12", "--early_stopping_patience=10")
 
 
-def test_sigterm_mid_epoch_saves_state_and_the_rerun_resumes_at_that_epoch(offline_env, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_RUN_ID", "preempt01")
-    first = subprocess.Popen(agent_command(*ARGS), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-    deadline = time.time() + 120
-    while not list(tmp_path.glob("wandb/offline-run-*/checkpoints/epoch=0.ckpt")) and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)  # into epoch 1
-    first.send_signal(signal.SIGTERM)
+def start(tmp_path: Path, run_id: str) -> subprocess.Popen:
+    return subprocess.Popen(agent_command(*ARGS), cwd=tmp_path, env=fresh_env(tmp_path, WANDB_RUN_ID=run_id),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_validation(tmp_path: Path, run_id: str, epoch: int, proc: subprocess.Popen) -> None:
+    rows: list[dict] = []
+    readers: dict[Path, RunLogReader] = {}
+
+    def validated() -> bool:
+        path = find_run_file(tmp_path, run_id)
+        if path is not None:
+            rows.extend(readers.setdefault(path, RunLogReader(path)).poll())
+        return any(r.get("epoch") == epoch and "val_acc" in r for r in rows)
+
+    wait_for(validated, f"{run_id}'s validation of epoch {epoch}", proc=proc)
+
+
+def model_artifacts(records: list[dict]) -> list[dict]:
+    return [a for a in records_of(records, "artifact") if a["type"] == "model"]
+
+
+def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that_epoch(tmp_path):
+    first = start(tmp_path, "preempt01")
+    wait_for_validation(tmp_path, "preempt01", 1, first)
+    first.send_signal(signal.SIGUSR1)
     stdout, stderr = first.communicate(timeout=120)
-    assert first.returncode == 143, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1].startswith("agent run: preempted at epoch 1")
-    [first_dir] = tmp_path.glob("wandb/offline-run-*-preempt01")
+    assert first.returncode == 128 + signal.SIGUSR1, stderr[-2000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith("agent run: preempted at epoch ")
+    saved_epoch = int(last_line.split()[-3].rstrip(";"))  # "... preempted at epoch N; state saved"
+    [first_dir] = run_dirs(tmp_path, "preempt01")
     assert (first_dir / "checkpoints" / "preempt.ckpt").is_file()
-    records = run_records(first_dir)
-    [artifact] = [r["artifact"] for r in records if r["type"] == "artifact"]
-    assert artifact["name"] == "resume-preempt01" and artifact["type"] == "checkpoint"
-    assert any(r["type"] == "preempting" for r in records)
-    assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [143]
+    records = leet_records(first_dir)
+    [resume] = [a for a in records_of(records, "artifact") if a["type"] == "checkpoint"]
+    assert resume["name"] == "resume-preempt01"
+    assert model_artifacts(records)  # the best model so far, logged as it improved
+    assert records_of(records, "preempting")
+    assert [e.get("exit_code") for e in records_of(records, "exit")] == [128 + signal.SIGUSR1]
 
-    second = subprocess.run(agent_command(*ARGS), cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    second = subprocess.run(agent_command(*ARGS), cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                            env=fresh_env(tmp_path, WANDB_RUN_ID="preempt01"))
     assert second.returncode == 0, second.stderr[-2000:]
     assert f"resumed_from={first_dir / 'checkpoints' / 'preempt.ckpt'}" in second.stdout
-    [second_dir] = set(tmp_path.glob("wandb/offline-run-*-preempt01")) - {first_dir}
-    records = run_records(second_dir)
-    epochs = [r["history"]["item"]["epoch"] for r in records
-              if r["type"] == "history" and "val_acc" in r["history"]["item"]]
-    assert epochs == [1, 2]  # continued at the saved epoch, not from epoch 0
-    assert any(r["type"] == "artifact" and "best" in r["artifact"]["aliases"] for r in records)
+    records = leet_records(run_dirs(tmp_path, "preempt01")[-1])
+    epochs = [h["item"]["epoch"] for h in records_of(records, "history") if "val_acc" in h["item"]]
+    assert epochs == list(range(saved_epoch, 4)) and saved_epoch >= 1  # continued at the saved epoch
+    assert "best" in model_artifacts(records)[-1]["aliases"]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_ctrl_c_or_a_plain_sigterm_ends_the_run_with_its_best_model_logged(tmp_path, signum, code):
+    run = start(tmp_path, "ended01")
+    wait_for_validation(tmp_path, "ended01", 0, run)
+    run.send_signal(signum)
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == code, stderr[-2000:]
+    [run_dir] = run_dirs(tmp_path, "ended01")
+    records = leet_records(run_dir)
+    assert not records_of(records, "preempting")
+    final = model_artifacts(records)[-1]
+    assert set(final["aliases"]) == {"best", "latest"} and "test_acc" in final["metadata"]
+    epochs = {h["item"]["epoch"] for h in records_of(records, "history") if "val_acc" in h["item"]}
+    assert len(epochs) < 4  # it ended early
 
 
 def fake_run(tmp_path: Path, resumed: bool, offline: bool, artifact_dir: Path | None = None):
@@ -68,7 +107,7 @@ def test_a_local_rerun_resumes_from_its_earlier_attempts_last_checkpoint(tmp_pat
     assert find_resume_checkpoint(run) is None
     earlier = tmp_path / "wandb" / "offline-run-20250101_000000-abc" / "checkpoints"
     earlier.mkdir(parents=True)
-    (earlier / "epoch=3.ckpt").write_bytes(b"")  # a best checkpoint is not a resume point
+    (earlier / "best.ckpt").write_bytes(b"")  # a best model is not a resume point
     assert find_resume_checkpoint(run) is None
     (earlier / "last.ckpt").write_bytes(b"")
     assert find_resume_checkpoint(run) == earlier / "last.ckpt"

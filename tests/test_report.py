@@ -14,7 +14,7 @@ import yaml
 from agent.errors import UsageError
 from agent.report import learning_curves, report, write_report
 from agent.store import Store
-from tests.conftest import REPO, agent_command
+from tests.helpers import REPO, agent_command, fresh_env
 
 FOREIGN = REPO / "tests" / "programs" / "foreign_train.py"
 PLOTS = ["metric_over_trials", "parallel_coordinates", "importance", "learning_curves"]
@@ -27,9 +27,7 @@ def run_sweep(root: Path, sweep: dict, *args: str, **env: str) -> Path:
     """A real `python -m agent local` sweep in root/D, offline under root; returns root/D."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_DATA_DIR=str(root / "wandb-data"),
-               WANDB_CACHE_DIR=str(root / "wandb-cache"), WANDB_CONFIG_DIR=str(root / "wandb-config"),
-               WANDB_SILENT="true", PYTHONPATH=str(REPO), **env)
+    env = fresh_env(root, **env)
     out = subprocess.run(agent_command("local", "sweep.yaml", "--dir", "D", *args), cwd=root, env=env,
                          capture_output=True, text=True, timeout=150)
     assert out.returncode in (0, 1), out.stdout + out.stderr  # 1: failed trials, which we want here

@@ -1,16 +1,15 @@
 """agent.runlog against real offline W&B runs, each in a subprocess (no mocks)."""
 
 import math
-import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from agent.runlog import BLOCK, RunLogReader, find_run_file
+from tests.helpers import fresh_env, wait_for
 
 # Logs the rows in LOGGED; a string longer than a 32 KiB block makes one record span blocks.
 FINISHED_SCRIPT = """
@@ -30,21 +29,15 @@ EXPECTED = [{"loss": 2.5, "epoch": 0, "nested.acc": 0.1},
 
 # Logs loss row by row and waits for the test to have read each row before the next.
 LIVE_SCRIPT = """
-import os, sys, time, wandb
+import os, sys, threading, time, wandb
 run = wandb.init(project="runlog-test", id="live1")
 for step in range(5):
     run.log({"loss": 1.0 / (step + 1)})
     ack, deadline = os.path.join(sys.argv[1], f"ack-{step}"), time.time() + 20
     while not os.path.exists(ack) and time.time() < deadline:
-        time.sleep(0.02)
+        threading.Event().wait(0.02)
 run.finish(exit_code=3)
 """
-
-
-def wandb_env(root: Path) -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_SILENT": "true",
-            "WANDB_CONFIG_DIR": str(root / "config"), "WANDB_CACHE_DIR": str(root / "cache"),
-            "WANDB_DATA_DIR": str(root / "data")}
 
 
 def same(rows: list[dict], other: list[dict]) -> bool:
@@ -60,7 +53,7 @@ def finished_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("finished")
     script = root / "log_rows.py"
     script.write_text(FINISHED_SCRIPT.format(rows=LOGGED))
-    subprocess.run([sys.executable, str(script)], env=wandb_env(root), check=True, timeout=60)
+    subprocess.run([sys.executable, str(script)], env=fresh_env(root), check=True, timeout=60)
     return root
 
 
@@ -89,20 +82,21 @@ def test_find_run_file_missing_and_newest(finished_run, tmp_path):
 def test_rows_appear_while_the_run_is_writing(tmp_path):
     script = tmp_path / "live.py"
     script.write_text(LIVE_SCRIPT)
-    # wandb-core flushes the log every 15 s by default; this setting makes it flush often.
-    env = {**wandb_env(tmp_path), "WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0.1"}
+    env = fresh_env(tmp_path)  # flushes the log every 0.1 s, not wandb-core's default 15 s
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env)
     try:
-        reader, seen, deadline = None, [], time.time() + 30
+        reader, seen = None, []
+
+        def rows_up_to(step: int) -> bool:
+            nonlocal reader, seen
+            path = reader.path if reader else find_run_file(tmp_path, "live1")
+            if path is not None:
+                reader = reader or RunLogReader(path)
+                seen += reader.poll()
+            return len(seen) > step
+
         for step in range(5):
-            while len(seen) <= step:
-                assert time.time() < deadline, f"row {step} never appeared"
-                path = reader.path if reader else find_run_file(tmp_path, "live1")
-                if path is not None:
-                    reader = reader or RunLogReader(path)
-                    seen += reader.poll()
-                time.sleep(0.05)
-            assert proc.poll() is None, "the run exited before its row was read"
+            wait_for(lambda: rows_up_to(step), f"row {step}", timeout=30, proc=proc)
             (tmp_path / f"ack-{step}").touch()
         assert proc.wait(timeout=30) == 0
         seen += reader.poll()

@@ -1,0 +1,93 @@
+"""A stop reaching train() at each phase of a run: it ends at the next batch (or finishes what it is
+doing), tests the best weights and logs them; W&B's own stop takes the same path. In-process: the
+run signals itself from the hook of the phase, so the moment is exact, not timed."""
+
+import os
+import signal
+import threading
+
+import lightning.pytorch as pl
+import pytest
+import wandb
+
+import cifar_core.train as train_module
+from cifar_core.config import TrainConfig
+from cifar_core.stopping import INTERRUPT, PREEMPT, STOP, StopRequests
+from cifar_core.train import train
+from tests.helpers import leet_records, records_of
+
+CONFIG = dict(dataset="synthetic", max_epochs=5, limit_train_batches=6, early_stopping_patience=10)
+
+
+@pytest.fixture
+def offline(offline_env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    wandb.teardown()
+
+
+class SignalAt(pl.Callback):
+    """Sends `signum` to this process once, from the hook named `hook`, in epoch 1."""
+
+    def __init__(self, hook: str, signum: int = signal.SIGTERM):
+        self.signum, self.sent = signum, False
+        setattr(self, hook, self.send)
+
+    def send(self, trainer, *args):
+        if trainer.current_epoch == 1 and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+def logged(result: dict) -> list[dict]:
+    run_dir = os.path.dirname(os.path.dirname(result["best_checkpoint"]))
+    return [a for a in records_of(leet_records(run_dir), "artifact") if a["type"] == "model"]
+
+
+@pytest.mark.parametrize("hook", ["on_train_batch_start", "on_validation_batch_start"])
+def test_a_stop_during_training_or_validation_ends_fit_and_logs_the_tested_best(offline, hook):
+    result = train(TrainConfig(**CONFIG), callbacks=[SignalAt(hook)])
+    assert result["ended_by"] == STOP and result["epochs"] == 1  # not the 5 it was given
+    assert result["best_epoch"] == 0
+    [*improvements, final] = logged(result)
+    assert set(final["aliases"]) == {"best", "latest"} and "test_acc" in final["metadata"]
+
+
+@pytest.mark.parametrize("phase", ["evaluate", "log_model_artifact"])
+def test_a_stop_during_the_test_or_the_artifact_upload_lets_them_finish(offline, monkeypatch, phase):
+    target = train_module if phase == "evaluate" else train_module.BestModel
+    original = getattr(target, "evaluate" if phase == "evaluate" else "save_and_log")
+    calls = []
+
+    def signal_first(*args, **kwargs):
+        if phase == "evaluate" or "test_acc" in kwargs:  # the end of the run, not an improvement
+            calls.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, "evaluate" if phase == "evaluate" else "save_and_log", signal_first)
+    result = train(TrainConfig(**{**CONFIG, "max_epochs": 2}))
+    assert calls and result["ended_by"] == STOP and result["epochs"] == 2
+    assert "test_acc" in logged(result)[-1]["metadata"]
+
+
+def test_wandbs_own_stop_is_a_stop_not_a_keyboard_interrupt(offline):
+    requests = StopRequests()
+
+    class StopFromWandb(pl.Callback):  # what the SDK's RunStopChecker does: calls stop_fn from its thread
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.current_epoch == 1 and requests.reason is None:
+                thread = threading.Thread(target=requests.wandb_stop)
+                thread.start()
+                thread.join()
+
+    with requests:
+        result = train(TrainConfig(**CONFIG), callbacks=[StopFromWandb()], requests=requests)
+    assert result["ended_by"] == STOP and result["epochs"] == 1
+
+
+def test_a_preemption_is_never_downgraded_by_a_later_stop():
+    requests = StopRequests()
+    for reason in (STOP, PREEMPT, STOP, INTERRUPT):
+        requests.request(reason)
+    assert requests.reason == PREEMPT
