@@ -11,71 +11,173 @@
 """
 
 import argparse
+import math
 import sys
 
 from agent.errors import RunEndedEarly, UsageError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line, `agent COMMAND: message`, not the usage and the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog.removeprefix('python -m ')}: {message}\n")
+
+
+def _at_least(convert, minimum: int, kind: str, text: str):
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {kind} >= {minimum}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _at_least(int, 1, "an integer", text)
+
+
+def non_negative_int(text: str) -> int:
+    return _at_least(int, 0, "an integer", text)
+
+
+def seconds(text: str) -> float:
+    return _at_least(float, 0, "a number of seconds", text)
+
+
+def run_command(args) -> int:
+    from agent.run import config_help, run
+
+    if args.help:
+        args.print_help()
+        print("\n" + config_help())
+        return 0
+    result = run(args.flags)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
+def validate_command(args) -> int:
+    from agent.validate import validate
+
+    return validate(args.files)
+
+
+def local_command(args) -> int:
+    from agent.launch import parse_gpus
+    from agent.local import LocalSweep, open_sweep
+    from agent.status import SweepView
+
+    gpus = parse_gpus(args.gpus, "local") if args.gpus else [None] * args.workers
+    store, sweep_id, sweep, root = open_sweep(args.sweep, args.dir, args.sweep_id)
+    return LocalSweep(store=store, sweep_id=sweep_id, sweep=sweep, root=root, gpus=gpus, count=args.count,
+                      retry_crashed=args.retry_crashed, max_consecutive_failures=args.max_consecutive_failures,
+                      grace=args.grace, view=SweepView(sweep_id, sweep, root), report=args.report).run()
+
+
+def status_command(args) -> int:
+    from agent.status import status
+
+    return status(args.dir, args.json)
+
+
+def create_command(args) -> int:
+    from agent.launch import create
+
+    return create(args.sweep, args.project, args.entity)
+
+
+def launch_command(args) -> int:
+    from agent.launch import Launcher
+
+    launcher = Launcher(args.sweep_path, args.gpus, args.agents_per_gpu, args.count, args.stagger, args.max_restarts)
+    return launcher.dry_run() if args.dry_run else launcher.run()
+
+
+def report_command(args) -> int:
+    from agent.report import report
+
+    return report(args.target)
+
+
+def best_command(args) -> int:
+    from agent.best import best
+
+    return best(args.target, args.evaluate, args.export)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m agent", description="The worker side of the sweep service.")
+    parser = Parser(prog="python -m agent", description="The worker side of the sweep service.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", add_help=False, help="train once; --key=value flags set TrainConfig fields",
                               description="Train once. Under a W&B sweep, the sweep's values override flags and "
                                           "defaults. Logs to W&B (WANDB_MODE=offline works) and returns metrics.")
     run.add_argument("-h", "--help", action="store_true")
-    run.set_defaults(print_help=run.print_help)
+    run.set_defaults(func=run_command, print_help=run.print_help)
 
     validate = commands.add_parser("validate", help="check sweep YAMLs; exit 0 only when all are valid",
                                    description="Check each sweep YAML against W&B's schema and, when it runs "
                                                "our program, against TrainConfig. A line per problem.")
     validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.set_defaults(func=validate_command)
 
     local = commands.add_parser(
         "local", help="run a sweep YAML offline (no W&B server)",
         description="Run a W&B sweep YAML with no server: W&B's own engine suggests the trials, each runs as "
                     "`wandb agent` would run it, offline, under DIR. Run it again with the same --dir to resume.")
+    local.set_defaults(func=local_command)
     local.add_argument("sweep", metavar="SWEEP.yaml")
-    local.add_argument("--count", type=int, help="total trials in DIR, across resumes (default: the YAML's "
-                                                 "run_cap, a grid's size, or no limit)")
-    slots = local.add_mutually_exclusive_group()
-    slots.add_argument("--workers", type=int, default=1, help="trials in parallel (default 1)")
-    slots.add_argument("--gpus", help="one trial per listed GPU, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")
+    local.add_argument("--count", type=positive_int, metavar="N",
+                       help="the sweep's total number of trials, counted across resumes of DIR (default: the "
+                            "YAML's run_cap, a grid's size, or no limit)")
+    workers = local.add_mutually_exclusive_group()
+    workers.add_argument("--workers", type=positive_int, default=1, metavar="N", help="trials in parallel (default 1)")
+    workers.add_argument("--gpus", help="one trial at a time per GPU: all (every GPU torch sees) or a list like 0,1 "
+                                        "(sets CUDA_VISIBLE_DEVICES)")
     local.add_argument("--dir", help="state and runs (default: a new ./sweeps-local/SWEEP_ID)")
     local.add_argument("--sweep-id", help="use this id (e.g. of a W&B sweep made from the same YAML, so the "
                                           "runs join it on `wandb sync`); default: a new random id")
     local.add_argument("--retry-crashed", action="store_true", help="rerun trials whose controller died")
-    local.add_argument("--max-consecutive-failures", type=int, default=5, metavar="N",
+    local.add_argument("--max-consecutive-failures", type=positive_int, default=5, metavar="N",
                        help="stop after N failed trials in a row (default 5)")
     local.add_argument("--report", action="store_true",
-                       help="rewrite DIR/report.html each time a trial ends (see `report`)")
-    local.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
+                       help="rewrite DIR/report.html each time a trial ends (see `report`); its path is the last line")
+    local.add_argument("--grace", type=seconds, default=60.0, metavar="SECONDS",
                        help="after SIGTERM, how long a stopped trial may take to save before SIGKILL (default 60)")
 
     status = commands.add_parser("status", help="the trial table of a local sweep",
                                  description="Print the trials of a local sweep: id, state, metric, config.")
     status.add_argument("dir", metavar="DIR")
     status.add_argument("--json", action="store_true", help="a JSON list of trials instead of a table")
+    status.set_defaults(func=status_command)
+
     create = commands.add_parser("create", help="validate a sweep YAML, then create the sweep on W&B",
                                  description="Validate the YAML (an invalid one is refused before any network "
                                              "call), create the sweep on W&B, print the launch command.")
     create.add_argument("sweep", metavar="SWEEP.yaml")
     create.add_argument("--project", help="W&B project (default: the YAML's, WANDB_PROJECT, or cifar10-sweeps)")
     create.add_argument("--entity", help="W&B entity (default: your default entity)")
+    create.set_defaults(func=create_command)
 
     launch = commands.add_parser(
         "launch", help="start one W&B agent per GPU on this box",
         description="Start one `wandb agent` per GPU slot, pinned with CUDA_VISIBLE_DEVICES and staggered; "
                     "restart agents that die; forward SIGINT/SIGTERM; exit when all agents are done.")
+    launch.set_defaults(func=launch_command)
     launch.add_argument("sweep_path", metavar="ENTITY/PROJECT/SWEEP_ID")
     launch.add_argument("--gpus", default="all", help="all (every GPU torch sees) or a list like 0,1,3")
-    launch.add_argument("--agents-per-gpu", type=int, default=1, metavar="N")
-    launch.add_argument("--count", type=int, help="runs per agent (default: until the sweep ends)")
-    launch.add_argument("--stagger", type=float, default=10.0, metavar="SECONDS",
+    launch.add_argument("--agents-per-gpu", type=positive_int, default=1, metavar="N",
+                        help="agents sharing each GPU (default 1)")
+    launch.add_argument("--count", type=positive_int, metavar="N",
+                        help="runs per agent, as `wandb agent --count` (default: until the sweep ends)")
+    launch.add_argument("--stagger", type=seconds, default=10.0, metavar="SECONDS",
                         help="pause between agent starts (default 10)")
-    launch.add_argument("--max-restarts", type=int, default=3, metavar="N",
+    launch.add_argument("--max-restarts", type=non_negative_int, default=3, metavar="N",
                         help="restarts of an agent that dies before giving up on it (default 3)")
     launch.add_argument("--dry-run", action="store_true", help="print each agent's command line; start nothing")
+
     report = commands.add_parser(
         "report", help="compare a sweep's trials",
         description="A local sweep DIR: write DIR/report.html (self-contained: table, metric over trials, "
@@ -83,12 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "prediction images) and the plots as PNGs in DIR/report/. ENTITY/PROJECT/SWEEP_ID: "
                     "print the runs' table and the dashboard URL.")
     report.add_argument("target", metavar="DIR|ENTITY/PROJECT/SWEEP_ID")
+    report.set_defaults(func=report_command)
 
     best = commands.add_parser(
         "best", help="the best trial: run command, checkpoint, evaluation, TorchScript export",
         description="Print the best trial, its config as a `python -m agent run` line, and its best checkpoint "
                     "(downloaded for a W&B sweep).")
     best.add_argument("target", metavar="DIR|ENTITY/PROJECT/SWEEP_ID")
+    best.set_defaults(func=best_command)
     best.add_argument("--evaluate", action="store_true",
                       help="rerun the test set on the checkpoint: test accuracy and per-class accuracy")
     best.add_argument("--export", metavar="PATH", help="write a TorchScript model (normalisation and class "
@@ -96,62 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def dispatch(parser: argparse.ArgumentParser, args, rest: list[str]) -> int:
-    if args.command == "run":
-        from agent.run import config_help, run
-
-        if args.help:
-            args.print_help()
-            print("\n" + config_help())
-            return 0
-        result = run(rest)
-        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
-        return 0
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "validate":
-        from agent.validate import validate
-
-        return validate(args.files)
-    if args.command == "status":
-        from agent.status import status
-
-        return status(args.dir, args.json)
-    if args.command == "report":
-        from agent.report import report
-
-        return report(args.target)
-    if args.command == "best":
-        from agent.best import best
-
-        return best(args.target, args.evaluate, args.export)
-    if args.command == "create":
-        from agent.launch import create
-
-        return create(args.sweep, args.project, args.entity)
-    if args.command == "launch":
-        from agent.launch import Launcher
-
-        launcher = Launcher(args.sweep_path, args.gpus, args.agents_per_gpu, args.count,
-                            args.stagger, args.max_restarts)
-        return launcher.dry_run() if args.dry_run else launcher.run()
-    from agent.local import LocalSweep, open_sweep
-    from agent.status import SweepView
-
-    if args.workers < 1 or args.count is not None and args.count < 1:
-        raise UsageError("--workers and --count must be at least 1")
-    store, sweep_id, sweep, root = open_sweep(args.sweep, args.dir, args.sweep_id)
-    slots = args.gpus.split(",") if args.gpus else [None] * args.workers
-    return LocalSweep(store, sweep_id, sweep, root, slots, args.count, args.retry_crashed,
-                      args.max_consecutive_failures, args.grace, SweepView(sweep_id, sweep, root),
-                      args.report).run()
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args, flags = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        return dispatch(parser, args, rest)
+        if args.command == "run":  # its flags are TrainConfig's, checked by agent.run
+            args.flags = flags
+        elif flags:
+            raise UsageError(f"unrecognized arguments: {' '.join(flags)}")
+        return args.func(args)
     except UsageError as e:
         print(f"agent {args.command}: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from agent.errors import SWEEP_PATH, UsageError
 from agent.run import make_config
 from agent.runlog import RunLogReader, find_run_files, history_row
 from agent.status import best_trial, console, open_store
+from agent.wandb_errors import find_sweep, first_line, wandb_api, wandb_errors
 from cifar_core.checkpoints import BEST, checkpoint_dir, load_network
 from cifar_core.config import TrainConfig
 
@@ -122,34 +123,25 @@ def local_best(directory: str) -> Best:
 
 
 def wandb_best(target: str) -> Best:
-    import wandb
-
     entity, project, _ = target.split("/")
-    try:
-        api = wandb.Api()
-        sweep = api.sweep(target)
+    with wandb_api(target, entity=entity) as api:
+        sweep = find_sweep(api, target)
         run = sweep.best_run()
-    except (wandb.errors.Error, ValueError, OSError) as e:
-        raise UsageError(f"{target}: no such local sweep directory, and W&B says: {first_line(e)}") from None
-    if run is None:
-        raise UsageError(f"{target}: the sweep has no runs yet")
-    metric = (sweep.config or {}).get("metric") or {}
-    try:
-        folder = api.artifact(f"{entity}/{project}/model-{run.id}:best").download()
-    except (wandb.errors.Error, ValueError, OSError) as e:
-        raise UsageError(f"{entity}/{project}/model-{run.id}:best: {first_line(e)}") from None
+        if run is None:
+            raise UsageError(f"{target}: the sweep has no runs yet")
+        metric = (sweep.config or {}).get("metric") or {}
+        name = f"{entity}/{project}/model-{run.id}:best"
+        with wandb_errors(name):
+            folder = api.artifact(name).download()
+        # best_run() is lazy: its config and summary are fetched on first use, before wandb_api's teardown
+        run_id, state, summary, config = run.id, run.state, dict(run.summary or {}), dict(run.config)
     checkpoint = Path(folder) / "model.ckpt"
     if not checkpoint.is_file():
-        raise UsageError(f"{entity}/{project}/model-{run.id}:best: no model.ckpt in {folder}")
-    summary = dict(run.summary or {})
+        raise UsageError(f"{name}: no model.ckpt in {folder}")
     value = summary.get(metric.get("name")) if metric.get("name") else None
-    return Best(run.id, run.state, f"run {run.id} of sweep {target}", metric.get("name"),
+    return Best(run_id, state, f"run {run_id} of sweep {target}", metric.get("name"),
                 value if isinstance(value, (int, float)) else None, metric.get("goal", "minimize"),
-                make_config(known(dict(run.config))), checkpoint, summary.get("test_acc"), (Path.cwd(),))
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+                make_config(known(config)), checkpoint, summary.get("test_acc"), (Path.cwd(),))
 
 
 def load_net(path: Path) -> nn.Module:

@@ -1,6 +1,8 @@
 """User mistakes: raised with a one-line message, printed by __main__ without a traceback."""
 
+import difflib
 import re
+from collections.abc import Iterable
 
 from pydantic import ValidationError
 
@@ -29,3 +31,21 @@ def describe_validation_error(error: ValidationError) -> str:
         got = "" if e["type"] == "missing" else f"={e['input']!r}"
         parts.append(f"{key}{got}: {e['msg']}" if e["type"] != "extra_forbidden" else f"unknown key {key!r}")
     return "; ".join(parts)
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """`did you mean 'lr'?` when known keys are close to `key`, else every known key.
+
+    Close: a typo (difflib), a word of `key` (`lr_rate`), or an abbreviation by initials either
+    way (`learning_rate` for `lr`, `bs` for `batch_size`)."""
+    known = list(known)
+    close = [k for k in known if k in key.split("_") or key == _initials(k) or k == _initials(key)]
+    close = list(dict.fromkeys(close + difflib.get_close_matches(key, known, n=3, cutoff=0.6)))[:3]
+    if close:
+        return f"did you mean {' or '.join(map(repr, close))}?"
+    return f"allowed: {', '.join(known)}"
+
+
+def _initials(name: str) -> str | None:
+    words = name.split("_")
+    return "".join(w[:1] for w in words) if len(words) > 1 else None

@@ -1,10 +1,11 @@
 """`python -m agent create` and `python -m agent launch`: a W&B sweep across GPU boxes.
 
-create: validate the YAML (no network on failure), then `wandb.sweep`; prints the
-launch command. launch: on one box, one program-based `wandb agent` per GPU slot
-(a fresh process per run: no GPU memory carried between runs), pinned with
-CUDA_VISIBLE_DEVICES, started staggered, restarted with backoff if it dies, and
-stopped with the signals the box gets (forwarded to the runs, which checkpoint).
+create: validate the YAML (no network on failure), check W&B (mode, credentials), then `wandb.sweep`;
+prints the launch command. launch: check W&B and the sweep once, before any agent starts (a missing
+key, an unreachable server or a missing sweep is one line, not agents failing and restarting); then,
+on one box, one program-based `wandb agent` per GPU slot (a fresh process per run: no GPU memory
+carried between runs), pinned with CUDA_VISIBLE_DEVICES, started staggered, restarted with backoff if
+it dies, and stopped with the signals the box gets (forwarded to the runs, which checkpoint).
 """
 
 import os
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 from agent.errors import SWEEP_PATH, UsageError
 from agent.validate import load_sweep, sweep_problems
+from agent.wandb_errors import find_sweep, wandb_api
 
 RUN_STARTED = re.compile(r"Agent Starting Run: (\w+)")
 BACKOFF_BASE, BACKOFF_MAX = 2.0, 60.0  # seconds before restarting a dead agent: base ** crashes, capped
@@ -26,6 +28,9 @@ POLL_SECONDS = 0.2
 # Seconds between W&B's stop (SIGTERM) and its SIGKILL of a run; W&B's default is 30. A stopped run
 # of ours tests and logs its best model first: a large test set on a slow box may need the margin.
 KILL_DELAY = "60"
+# A sweep in one of these states hands out no more runs: its agents would only exit (or fail).
+OVER = ("FINISHED", "CANCELED")
+ONLINE = "unset WANDB_MODE or run `wandb online`; or run the sweep with no server: python -m agent local SWEEP.yaml"
 
 
 def create(path: str, project: str | None, entity: str | None) -> int:
@@ -36,8 +41,9 @@ def create(path: str, project: str | None, entity: str | None) -> int:
     import wandb
 
     project = project or sweep.get("project") or os.environ.get("WANDB_PROJECT") or "cifar10-sweeps"
-    sweep_id = wandb.sweep(sweep, project=project, entity=entity)
-    entity = entity or wandb.Api().default_entity
+    with wandb_api(f"{path}: W&B did not create the sweep", f"a sweep is created on the W&B server; {ONLINE}") as api:
+        sweep_id = wandb.sweep(sweep, project=project, entity=entity)
+        entity = entity or api.settings["entity"] or api.default_entity  # where wandb.sweep put it
     sweep_path = f"{entity}/{project}/{sweep_id}"
     print(f"created sweep {sweep_path}")
     print(f"on each GPU box: python -m agent launch {sweep_path} --gpus all")
@@ -53,12 +59,13 @@ def visible_gpus() -> list[str]:
     return inherited[:count] if inherited else [str(i) for i in range(count)]
 
 
-def parse_gpus(spec: str) -> list[str | None]:
-    """`all` -> every GPU torch sees ([None]: one CPU agent when there is none); `0,1,3` -> those."""
+def parse_gpus(spec: str, command: str = "launch") -> list[str | None]:
+    """`all` -> every GPU torch sees ([None]: one CPU slot when there is none); `0,1,3` -> those."""
     if spec == "all":
         gpus = visible_gpus()
         if not gpus:
-            print("launch: no GPU visible to torch; running one CPU agent", file=sys.stderr)
+            slot = "agent" if command == "launch" else "trial at a time"
+            print(f"{command}: no GPU visible to torch; running one CPU {slot}", file=sys.stderr)
         return gpus or [None]
     gpus = [g.strip() for g in spec.split(",") if g.strip()]
     if not gpus or not all(g.isdigit() for g in gpus):
@@ -93,6 +100,7 @@ class Launcher:
             raise UsageError(f"{sweep_path!r}: expected ENTITY/PROJECT/SWEEP_ID")
         if agents_per_gpu < 1:
             raise UsageError("--agents-per-gpu must be at least 1")
+        self.sweep_path = sweep_path
         self.command = agent_command(sweep_path, count)
         self.slots = [AgentSlot(gpu, i) for gpu in parse_gpus(gpus) for i in range(agents_per_gpu)]
         self.stagger, self.max_restarts = stagger, max_restarts
@@ -132,7 +140,18 @@ class Launcher:
                 sys.stdout.write(f"[{slot.name}] {line}")
                 sys.stdout.flush()
 
+    def sweep_state(self) -> str:
+        """The sweep's state on W&B (RUNNING, PAUSED, FINISHED, ...), looked up once, before any agent
+        starts: an agent would find a missing key or sweep only after it started, and be restarted for it."""
+        needs_online = f"the agents ask the W&B server for runs, and the runs must report to it; {ONLINE}"
+        with wandb_api(self.sweep_path, needs_online, entity=self.sweep_path.split("/")[0]) as api:
+            return str(find_sweep(api, self.sweep_path).state).upper()
+
     def run(self) -> int:
+        state = self.sweep_state()
+        if state in OVER:  # not an error: a box that joins late finds the work done
+            print(f"launch: sweep {self.sweep_path} is {state.lower()} on W&B; no agent started", file=sys.stderr)
+            return 0
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for i, slot in enumerate(self.slots):

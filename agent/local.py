@@ -25,9 +25,10 @@ from agent.errors import UsageError
 from agent.runlog import RunLogReader, find_run_file
 from agent.status import SweepView
 from agent.store import LIVE, Store, Trial, is_number
-from agent.validate import load_sweep, runs_our_program, sweep_problems, sweeps
+from agent.validate import DEFAULT_COMMAND, candidate_values, load_sweep, runs_our_program, sweep_problems, sweeps
+from cifar_core.config import TrainConfig
+from cifar_core.fetch import DatasetError, fetch_cifar10
 
-DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # W&B agent's default
 POLL_SECONDS = 0.5
 
 
@@ -64,12 +65,32 @@ def _die_with_parent():
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
 
 
+def fetch_data(sweep: dict) -> None:
+    """CIFAR-10 for the trials of our program, fetched once before the first starts (not by each at
+    once), or one line saying where it was looked for and how to fix it."""
+    if not runs_our_program(sweep):
+        return
+    parameters = sweep.get("parameters") or {}
+
+    def choices(name: str) -> list:
+        spec = parameters.get(name)
+        return candidate_values(spec) if spec else [TrainConfig.model_fields[name].get_default(call_default_factory=True)]
+
+    if "cifar10" not in choices("dataset"):
+        return
+    for data_dir in choices("data_dir"):
+        try:
+            fetch_cifar10(data_dir)
+        except DatasetError as e:
+            raise UsageError(str(e)) from None
+
+
 def open_sweep(path: str, directory: str | None, sweep_id: str | None = None) -> tuple[Store, str, dict, Path]:
     sweep = load_sweep(path)
-    problems = sweep_problems(sweep) if runs_our_program(sweep) else \
-        list(sweeps.schema_violations_from_proposed_config(sweep))
+    problems = sweep_problems(sweep)
     if problems:
         raise UsageError(f"{path}: " + "; ".join(problems))
+    fetch_data(sweep)
     sweep_id = sweep_id or generate_id(8)
     root = Path(directory) if directory else Path("sweeps-local") / sweep_id
     root.mkdir(parents=True, exist_ok=True)
@@ -94,19 +115,20 @@ class Running:
 
 
 class LocalSweep:
-    def __init__(self, store: Store, sweep_id: str, sweep: dict, root: Path, slots: list[str | None],
+    def __init__(self, *, store: Store, sweep_id: str, sweep: dict, root: Path, gpus: list[str | None],
                  count: int | None, retry_crashed: bool, max_consecutive_failures: int, grace: float,
-                 view: SweepView, report: bool = False):
+                 view: SweepView, report: bool):
         self.store, self.sweep_id, self.sweep, self.root = store, sweep_id, sweep, root.resolve()
         self.engine = engine_config(sweep)
         self.metric = (sweep.get("metric") or {}).get("name")
         caps = [c for c in (count, sweep.get("run_cap")) if c]
         self.limit = min(caps) if caps else (None if sweep["method"] == "grid" else 1 << 62)
-        self.devices = slots  # per slot: the GPU it pins (CUDA_VISIBLE_DEVICES) or None
-        self.slot_trials: list[str | None] = [None] * len(slots)  # per slot: its running trial
+        self.gpus = gpus  # per worker slot: the GPU it pins (CUDA_VISIBLE_DEVICES) or None
+        self.slot_trials: list[str | None] = [None] * len(gpus)  # per worker slot: its running trial
         self.retry_crashed, self.max_failures, self.grace = retry_crashed, max_consecutive_failures, grace
         self.view = view
         self.report = report
+        self.report_path: Path | None = None
         self.controller = generate_id(12)
         self.procs: dict[str, Running] = {}
         self.signals_received = self.signals_handled = 0  # SIGINT/SIGTERM: the handler counts, the loop acts
@@ -139,6 +161,8 @@ class LocalSweep:
                     self.view.update(self.store.trials())
                     time.sleep(POLL_SECONDS)
                 self.view.update(self.store.trials())
+            if self.report:  # the last line: where to look
+                self.view.event(f"report: {self.report_path or self.write_report()}")
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -226,12 +250,12 @@ class LocalSweep:
                    WANDB_SWEEP_PARAM_PATH=str(param_path), WANDB_DIR=str(self.root))
         if self.sweep.get("project"):
             env["WANDB_PROJECT"] = self.sweep["project"]
-        if len(self.devices) > 1 and "OMP_NUM_THREADS" not in env:
+        if len(self.gpus) > 1 and "OMP_NUM_THREADS" not in env:
             # K CPU-bound trials each spawning a thread per core oversubscribe the machine
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.devices)))
-        device = self.devices[slot]
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = device
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.gpus)))
+        gpu = self.gpus[slot]
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         log_dir = self.root / "logs"
         log_dir.mkdir(exist_ok=True)
         try:
@@ -244,7 +268,7 @@ class LocalSweep:
                               ended=time.time())
             self._count_failure(trial.id, f"cannot start {command[0]}: {e.strerror}")
             return
-        self.store.update(trial.id, state="running", pid=proc.pid, slot=device, started=time.time())
+        self.store.update(trial.id, state="running", pid=proc.pid, gpu=gpu, started=time.time())
         self.procs[trial.id] = Running(proc)
         self.slot_trials[slot] = trial.id
         # a retried trial reuses its run id: its earlier attempt's log is not this attempt's
@@ -292,13 +316,17 @@ class LocalSweep:
         self.store.update(trial.id, state=state, reason=reason, exit_code=code, ended=time.time())
         self.view.event(f"{trial.id} {state}" + (f": {reason}" if reason else ""))
         if self.report:
-            from agent.report import write_report  # matplotlib loads only for --report
-
-            write_report(self.root)
+            self.write_report()
         if state == "failed":
             self._count_failure(trial.id, reason)
         else:
             self.consecutive_failures = 0
+
+    def write_report(self) -> Path:
+        from agent.report import write_report  # matplotlib loads only for --report
+
+        self.report_path = write_report(self.root)
+        return self.report_path
 
     def _count_failure(self, trial_id: str, reason: str):
         self.consecutive_failures += 1

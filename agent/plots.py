@@ -2,6 +2,8 @@
 is nothing to draw yet. Used by agent/report.py."""
 
 import math
+from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.cm import ScalarMappable
@@ -15,6 +17,11 @@ from agent.store import Trial, is_number
 COLORS = {"finished": "#2a9d4b", "running": "#1f8fc8", "pending": "#999999", "failed": "#d62728",
           "crashed": "#a03cb4", "stopped": "#e09b00"}
 TOP_CURVES, MIN_FOR_IMPORTANCE = 5, 3
+# Below this many ranked trials a random forest's ranking (and a correlation) moves with every trial added.
+TRUSTED_IMPORTANCE = 10
+# Why a trial with a metric is not ranked: its value was not measured at the end of a full training.
+CUT_SHORT = {"stopped": "stopped early: its last value is an early one, not comparable with a finished trial's",
+             "running": "not done", "failed": "ended part-way", "crashed": "ended part-way"}
 
 
 def ranked(trials: list[Trial], goal: str) -> list[Trial]:
@@ -97,13 +104,30 @@ def parallel_coordinates(trials: list[Trial], metric: str, goal: str, params: li
     return fig
 
 
-def importance(trials: list[Trial], metric: str, params: list[str]) -> list[tuple[str, float, float]] | str:
-    """(param, importance, correlation) rows, most important first, as W&B's panel computes them; or why not."""
-    scored = [t for t in trials if t.metric is not None]
+@dataclass
+class Importance:
+    rows: list[tuple[str, float, float]]  # (param, importance, correlation), most important first; [] if too few
+    ranked: int  # how many trials are ranked
+    note: str  # which trials are ranked, which are left out and why, how far to trust it; or why there are no rows
+
+
+def importance(trials: list[Trial], metric: str, params: list[str]) -> Importance:
+    """Each parameter's importance (a random forest's, as W&B's panel computes it) and correlation with the
+    metric, over the finished trials only. W&B's panel ranks every run with the metric; but a hyperband-stopped
+    trial's last value was logged early in its training and reads as "worse" next to finished ones: ranked
+    with them, it would reward what makes a trial start fast rather than end well."""
+    scored = [t for t in trials if t.state == "finished" and t.metric is not None]
+    left_out = Counter(t.state for t in trials if t.metric is not None and t.state != "finished")
+    left = "".join(f"; {n} {state} left out ({CUT_SHORT.get(state, 'not finished')})" for state, n in left_out.items())
     if not params:
-        return "No parameter varies in this sweep."
+        return Importance([], 0, "No parameter varies in this sweep.")
     if len(scored) < MIN_FOR_IMPORTANCE:
-        return f"Needs at least {MIN_FOR_IMPORTANCE} trials with a {metric}; {len(scored)} so far."
+        return Importance([], len(scored), f"Needs at least {MIN_FOR_IMPORTANCE} finished trials with a {metric}; "
+                                           f"{len(scored)} so far{left}.")
+    note = f"Ranks the {len(scored)} finished trials{left}."
+    if len(scored) < TRUSTED_IMPORTANCE:
+        note += (f" Fewer than {TRUSTED_IMPORTANCE}: the ranking is noise-prone (one more trial can reorder it), "
+                 "a hint, not a finding.")
     from sklearn.ensemble import RandomForestRegressor  # slow to import; only here
 
     y = np.array([t.metric for t in scored])
@@ -123,11 +147,15 @@ def importance(trials: list[Trial], metric: str, params: list[str]) -> list[tupl
     total = dict.fromkeys(params, 0.0)
     for owner, value in zip(owners, forest.feature_importances_):
         total[owner] += float(value)
-    return sorted(((p, total[p], correlation[p]) for p in params), key=lambda row: -row[1])
+    return Importance(sorted(((p, total[p], correlation[p]) for p in params), key=lambda row: -row[1]),
+                      len(scored), note)
 
 
-def importance_chart(rows: list[tuple[str, float, float]], metric: str) -> Figure:
+def importance_chart(result: Importance, metric: str) -> Figure:
+    rows = result.rows
     fig = Figure(figsize=(9, 0.45 * len(rows) + 1.4), dpi=100, layout="constrained")
+    fig.suptitle(f"over {result.ranked} finished trials" +
+                 (" (few: noise-prone)" if result.ranked < TRUSTED_IMPORTANCE else ""), fontsize=10)
     left, right = fig.subplots(1, 2, sharey=True)
     names = [r[0] for r in rows][::-1]
     left.barh(names, [r[1] for r in rows][::-1], color="#6a5acd")

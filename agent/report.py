@@ -5,8 +5,9 @@ plots and images as data: URIs, no script, nothing fetched) that opens offline, 
 PNGs in DIR/report/. `python -m agent local SWEEP.yaml --report` rewrites it each time a trial ends.
 The report holds the trial table (best first; failed and stopped trials marked, with their reason),
 the metric over trials with the running best, parallel coordinates of the swept parameters, their
-importance (a random forest's, as W&B's importance panel) and correlation with the metric, the learning
-curves of the top trials and of every stopped one, and the best trial's last logged prediction images.
+importance (a random forest's, as W&B's importance panel, but over the finished trials only: a stopped
+trial's last value is an early one) and correlation with the metric, with how far to trust them, the
+learning curves of the top trials and of every stopped one, and the best trial's last prediction images.
 Any program's sweep works: a foreign metric, any parameters, no images, no finished trial yet.
 
 For a W&B sweep it prints the runs as `status` prints trials, best first, and the dashboard URL.
@@ -29,6 +30,7 @@ from agent.plots import (importance, importance_chart, learning_curves, metric_o
 from agent.runlog import RunLogReader
 from agent.status import STATE_STYLE, best_trial, console, open_store, short, summary_line, swept, trial_table
 from agent.store import Trial, is_number
+from agent.wandb_errors import find_sweep, wandb_api
 
 IMAGE_NAME = re.compile(r"examples_(\d+)_[0-9a-f]+\.png")
 CAPTION = re.compile(r"Pred: (.*), Label: (.*)")
@@ -146,15 +148,16 @@ def write_report(directory: Path) -> Path:
     folder = directory / "report"
     folder.mkdir(exist_ok=True)
     no_metric = f"No trial has logged {metric} yet."
-    rows = importance(trials, metric, params)
-    if isinstance(rows, str):
-        importance_html = _plot_html(folder, "importance", None, rows)
+    ranked_by = importance(trials, metric, params)
+    if not ranked_by.rows:
+        importance_html = _plot_html(folder, "importance", None, ranked_by.note)
     else:
         table = "".join(f"<tr><td>{html.escape(p)}</td><td>{imp:.3f}</td>"
-                        f"<td>{'' if math.isnan(r) else f'{r:+.3f}'}</td></tr>" for p, imp, r in rows)
-        importance_html = (f'<table class="importance"><thead><tr><th>parameter</th><th>importance</th>'
-                           f'<th>correlation</th></tr></thead><tbody>{table}</tbody></table>' +
-                           _plot_html(folder, "importance", importance_chart(rows, metric), ""))
+                        f"<td>{'' if math.isnan(r) else f'{r:+.3f}'}</td></tr>" for p, imp, r in ranked_by.rows)
+        importance_html = (f'<p class="note">{html.escape(ranked_by.note)}</p><table class="importance"><thead>'
+                           f'<tr><th>parameter</th><th>importance</th><th>correlation</th></tr></thead>'
+                           f'<tbody>{table}</tbody></table>' +
+                           _plot_html(folder, "importance", importance_chart(ranked_by, metric), ""))
     counts = ", ".join(f"{n} {s}" for s in STATE_STYLE if (n := sum(t.state == s for t in trials))) or "no trials yet"
     best_html = "No trial has a metric yet." if best is None else (
         f"Best: <b>{best.id}</b>, {html.escape(metric)} = {best.metric:.4g}; config: <code>" +
@@ -183,13 +186,12 @@ def write_report(directory: Path) -> Path:
 
 
 def wandb_report(path: str) -> int:
-    import wandb
-
-    try:
-        sweep = wandb.Api().sweep(path)
-        config, runs = sweep.config or {}, list(sweep.runs)
-    except (wandb.errors.Error, ValueError) as e:
-        raise UsageError(f"{path}: {e}") from e
+    entity, project, sweep_id = path.split("/")
+    with wandb_api(path, entity=entity) as api:
+        sweep = find_sweep(api, path)
+        config, url = sweep.config or {}, sweep.url
+        # Not sweep.runs: its runs fetch their config and summary one request each.
+        runs = list(api.runs(f"{entity}/{project}", filters={"$and": [{"sweep": sweep_id}]}, lazy=False))
     metric = (config.get("metric") or {}).get("name")
     goal = (config.get("metric") or {}).get("goal", "minimize")
     trials = []
@@ -202,14 +204,11 @@ def wandb_report(path: str) -> int:
                             started=0.0 if is_number(runtime) and runtime > 0 else None,
                             ended=float(runtime) if is_number(runtime) and runtime > 0 else None))
     params = swept(config)
-    url = getattr(sweep, "url", None)
     out = console()
     out.print(f"sweep {path} ({config.get('method', '?')}): {len(trials)} runs")
     out.print(trial_table(ranked(trials, goal), metric, params))
     out.print(summary_line(trials, metric, goal, params))
-    entity, project, sweep_id = path.split("/")
-    out.print(f"dashboard: {url if isinstance(url, str) else f'https://wandb.ai/{entity}/{project}/sweeps/{sweep_id}'}",
-              soft_wrap=True)
+    out.print(f"dashboard: {url}", soft_wrap=True)
     return 0
 
 

@@ -3,15 +3,20 @@
 Parses the flags W&B's `${args}` macros produce (`--key=value`, `--key value`,
 bare `--flag` for true) into a TrainConfig, starts the W&B run (a sweep's values
 override the flags and defaults), validates the run's final config, and trains.
+A bad key, value or data file exits 2 with one line (a misspelt key: the close ones).
 """
 
 import os
+from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
-from agent.errors import RunEndedEarly, UsageError, describe_validation_error
+from agent.errors import RunEndedEarly, UsageError, describe_validation_error, did_you_mean
 from cifar_core.config import TrainConfig
 from cifar_core.stopping import EXIT_CODES, INTERRUPT, PREEMPT, StopRequests
+
+BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}  # pydantic's Field constraints, as help shows them
 
 
 def parse_flags(argv: list[str]) -> dict[str, str]:
@@ -34,24 +39,55 @@ def parse_flags(argv: list[str]) -> dict[str, str]:
 def make_config(values: dict) -> TrainConfig:
     unknown = sorted(set(values) - set(TrainConfig.model_fields))
     if unknown:
-        raise UsageError(f"unknown key {unknown[0]!r}; allowed: {', '.join(TrainConfig.model_fields)}")
+        raise UsageError(f"unknown key {unknown[0]!r}; {did_you_mean(unknown[0], TrainConfig.model_fields)}")
     try:
         return TrainConfig(**values)
     except ValidationError as e:
         raise UsageError(describe_validation_error(e)) from None
 
 
+def as_flag(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def allowed_values(name: str, field: FieldInfo) -> str:
+    """What a key accepts, as a user types it: `adam | adamw | sgd`, `true | false`, `float, lr > 0`."""
+    if get_origin(field.annotation) is Literal:
+        return " | ".join(map(as_flag, get_args(field.annotation)))
+    if field.annotation is bool:
+        return "true | false"
+    bounds = [(op, getattr(m, attr)) for attr, op in BOUNDS.items() for m in field.metadata if hasattr(m, attr)]
+    kind = field.annotation.__name__
+    if len(bounds) == 2:  # lower first, as BOUNDS lists them
+        (low_op, low), (high_op, high) = bounds
+        return f"{kind}, {low} {low_op.replace('>', '<')} {name} {high_op} {high}"
+    return ", ".join([kind, *(f"{name} {op} {v}" for op, v in bounds)])
+
+
 def config_help() -> str:
-    lines = ["Keys (--key=value), with their defaults:"]
+    lines = ["Keys (--key=value), with their defaults and what each accepts:"]
     for name, field in TrainConfig.model_fields.items():
-        lines.append(f"  --{name}={field.default!r}  ({getattr(field.annotation, '__name__', field.annotation)})")
+        flag = f"  --{name}={as_flag(field.get_default(call_default_factory=True))}"
+        lines.append(f"{flag:<30}  ({allowed_values(name, field)})")
     return "\n".join(lines)
+
+
+def fetch_data(config: TrainConfig) -> None:
+    """CIFAR-10 in place (fetched once per box), or one line saying where it was looked for."""
+    from cifar_core.fetch import DatasetError, fetch_cifar10  # the standard library only: no torch
+
+    if config.dataset == "cifar10":
+        try:
+            fetch_cifar10(config.data_dir)
+        except DatasetError as e:
+            raise UsageError(str(e)) from None
 
 
 def run(argv: list[str]) -> dict:
     """Trains; raises RunEndedEarly when a preemption or Ctrl-C must set a non-zero exit code."""
     config = make_config(parse_flags(argv))  # fail before any run exists
     with StopRequests() as requests:  # from here on a stop is never lost, even during imports and wandb.init
+        fetch_data(config)
         import wandb
 
         # resume="allow": a requeued (preempted) sweep run comes back under its own id and continues.
@@ -61,13 +97,18 @@ def run(argv: list[str]) -> dict:
         try:
             # Under a sweep the run's config holds the sweep's values; validate what will train.
             config = make_config(dict(run.config))
+            fetch_data(config)
         except UsageError:
             run.finish(exit_code=2)
             raise
+        from cifar_core.data import DatasetError
         from cifar_core.train import Preempted, train  # torch and lightning load only for valid input
 
         try:
             result = train(config, requests=requests)
+        except DatasetError as e:  # corrupt data files: the user's to fix, not a crash
+            run.finish(exit_code=2)
+            raise UsageError(str(e)) from None
         except Preempted as e:
             run.finish(exit_code=EXIT_CODES[PREEMPT])
             raise RunEndedEarly(str(e), EXIT_CODES[PREEMPT]) from None

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from agent.errors import UsageError
 from agent.store import Store, Trial
@@ -33,6 +34,11 @@ def console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
+def print_line(out: Console, text: str):
+    """One line as it is: no markup (commands and reasons hold brackets), no folding (a pipe gets it whole)."""
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def summary_line(trials: list[Trial], metric: str | None, goal: str, params: list[str]) -> str:
     counts = {s: sum(t.state == s for t in trials) for s in STATE_STYLE}
     line = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no trials yet"
@@ -48,22 +54,28 @@ def short(value) -> str:
 
 
 def trial_table(trials: list[Trial], metric: str | None, params: list[str]) -> Table:
+    # Cells are Text, never markup: a reason or a value may hold brackets, and markup would be printed
+    # raw whenever a caller prints with markup off (the live view's event lines do).
     table = Table(box=None, header_style="bold")
     for column in ["id", "state", metric or "metric", "time", *params, "reason"]:
-        table.add_column(column, overflow="fold")
+        table.add_column(Text(column), overflow="fold")
     for t in trials:
         duration = "" if t.duration is None else f"{t.duration:.0f}s"
-        table.add_row(t.id, f"[{STATE_STYLE[t.state]}]{t.state}[/]",
-                      "" if t.metric is None else f"{t.metric:.4g}", duration,
-                      *[short(t.config.get(p, "")) for p in params], t.reason or "")
+        cells = ["" if t.metric is None else f"{t.metric:.4g}", duration,
+                 *[short(t.config.get(p, "")) for p in params], t.reason or ""]
+        table.add_row(Text(t.id), Text(t.state, style=STATE_STYLE[t.state]), *map(Text, cells))
     return table
 
 
 def open_store(directory: str) -> Store:
+    """The sweep in DIR, opened read-only."""
     path = Path(directory) / "sweep.db"
     if not path.is_file():
         raise UsageError(f"{directory}: no local sweep here (expected {path})")
-    return Store(path)
+    store = Store(path, readonly=True)
+    if store.sweep() is None:
+        raise UsageError(f"{path}: holds no sweep yet")
+    return store
 
 
 def status(directory: str, as_json: bool) -> int:
@@ -72,14 +84,14 @@ def status(directory: str, as_json: bool) -> int:
     trials = store.trials()
     if as_json:
         print(json.dumps([{"id": t.id, "state": t.state, "metric": t.metric, "config": t.config,
-                           "reason": t.reason, "exit_code": t.exit_code, "duration_s": t.duration, "gpu": t.slot}
+                           "reason": t.reason, "exit_code": t.exit_code, "duration_s": t.duration, "gpu": t.gpu}
                           for t in trials], indent=1))
         return 0
     metric = (sweep.get("metric") or {}).get("name")
     out = console()
-    out.print(f"sweep {sweep_id} ({sweep['method']}) in {directory}")
+    print_line(out, f"sweep {sweep_id} ({sweep['method']}) in {directory}")
     out.print(trial_table(trials, metric, swept(sweep)))
-    out.print(summary_line(trials, metric, (sweep.get("metric") or {}).get("goal", "minimize"), swept(sweep)))
+    print_line(out, summary_line(trials, metric, (sweep.get("metric") or {}).get("goal", "minimize"), swept(sweep)))
     return 0
 
 
@@ -91,8 +103,8 @@ class SweepView:
         self.goal = (sweep.get("metric") or {}).get("goal", "minimize")
         self.params = swept(sweep)
         self.console = console()
-        self.console.print(f"sweep {sweep_id} ({sweep['method']}) in {directory}  "
-                           f"[dim](status: python -m agent status {directory})[/]")
+        print_line(self.console, f"sweep {sweep_id} ({sweep['method']}) in {directory}  "
+                                 f"(status: python -m agent status {directory})")
         self.live = Live(console=self.console, auto_refresh=False) if self.console.is_terminal else None
         self.last_summary = ""
 
@@ -104,13 +116,14 @@ class SweepView:
     def __exit__(self, *exc):
         if self.live:
             self.live.stop()
-        self.console.print(self.last_summary)
+        print_line(self.console, self.last_summary)
 
     def event(self, text: str):
-        self.console.print(text, markup=False, highlight=False)
+        print_line(self.console, text)
 
     def update(self, trials: list[Trial]):
         self.last_summary = summary_line(trials, self.metric, self.goal, self.params)
         if self.live:
             recent = sorted(trials, key=lambda t: t.created)[-12:]
-            self.live.update(Group(trial_table(recent, self.metric, self.params), self.last_summary), refresh=True)
+            self.live.update(Group(trial_table(recent, self.metric, self.params), Text(self.last_summary)),
+                             refresh=True)

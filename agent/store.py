@@ -3,7 +3,8 @@
 Every suggestion, state change, metric and exit code is committed before the
 controller acts on it, so a killed controller loses nothing: the next one on the
 same DIR resumes from here. Claims run under `BEGIN IMMEDIATE` (one writer at a
-time), so two controllers on one DIR never hand out the same trial.
+time), so two controllers on one DIR never hand out the same trial. A file that is
+damaged, no database, or another program's is refused before anything writes to it.
 """
 
 import json
@@ -12,9 +13,11 @@ import os
 import socket
 import sqlite3
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from agent.errors import UsageError
 
 STATES = ("pending", "running", "finished", "failed", "crashed", "stopped")
 LIVE = ("pending", "running")
@@ -31,7 +34,7 @@ CREATE TABLE IF NOT EXISTS trials (
     reason TEXT,                        -- why failed, crashed or stopped
     controller TEXT,
     pid INTEGER,
-    slot TEXT,                          -- the GPU it ran on, if any
+    gpu TEXT,                           -- the GPU it ran on (CUDA_VISIBLE_DEVICES), if any
     created REAL NOT NULL, started REAL, ended REAL,
     stop_requested REAL
 );
@@ -54,7 +57,7 @@ class Trial:
     exit_code: int | None = None
     reason: str | None = None
     pid: int | None = None
-    slot: str | None = None
+    gpu: str | None = None
     created: float = 0.0
     started: float | None = None
     ended: float | None = None
@@ -72,7 +75,7 @@ class Trial:
 def _trial(row: sqlite3.Row) -> Trial:
     return Trial(id=row["id"], params=json.loads(row["params"]), state=row["state"], metric=row["metric"],
                  history=json.loads(row["history"]), exit_code=row["exit_code"], reason=row["reason"],
-                 pid=row["pid"], slot=row["slot"], created=row["created"], started=row["started"],
+                 pid=row["pid"], gpu=row["gpu"], created=row["created"], started=row["started"],
                  ended=row["ended"], stop_requested=row["stop_requested"])
 
 
@@ -86,13 +89,61 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _tables(db: sqlite3.Connection) -> dict[str, set[str]]:
+    """Each table's column names."""
+    names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+             if not r[0].startswith("sqlite_")]  # sqlite_sequence: SQLite's own
+    return {name: {c[1] for c in db.execute(f"PRAGMA table_info({name})")} for name in names}
+
+
+def _schema_tables() -> dict[str, set[str]]:
+    with closing(sqlite3.connect(":memory:")) as db:
+        db.executescript(SCHEMA)
+        return _tables(db)
+
+
+TABLES = _schema_tables()
+
+
+def _check(path: Path) -> dict[str, set[str]]:
+    """The tables of the database at `path`, read without writing to it. Refuses (UsageError) a damaged file,
+    one that is no database, or another program's: writing to it could destroy what is left of it."""
+    side_files = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+    existed = [f.exists() for f in side_files]
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as db:
+            problem = db.execute("PRAGMA quick_check").fetchone()[0]
+            tables = _tables(db)
+    except sqlite3.DatabaseError as e:
+        problem = str(e)
+    problem = " ".join(problem.replace("*** in database main ***", "").split())  # one line
+    if problem == "ok" and any(TABLES.get(name) != columns for name, columns in tables.items()):
+        problem = "its tables are not a sweep's: another program's, or an older version's"
+    if problem != "ok":
+        for side_file, was_there in zip(side_files, existed):
+            if not was_there:  # a read-only look at a WAL database creates them
+                side_file.unlink(missing_ok=True)
+        raise UsageError(f"{path}: not a readable sweep database ({problem}); it was left as it is")
+    return tables
+
+
 class Store:
-    def __init__(self, path: Path):
-        # autocommit mode: each statement commits unless inside an explicit transaction()
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    """With `readonly`, nothing is ever written to the file (status, report, best)."""
+
+    def __init__(self, path: Path, readonly: bool = False):
+        path = Path(path)
+        tables = _check(path) if path.exists() else {}
+        if readonly:
+            if tables != TABLES:
+                raise UsageError(f"{path}: holds no sweep yet")
+            self.db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30,
+                                      isolation_level=None)
+        else:
+            # autocommit mode: each statement commits unless inside an explicit transaction()
+            self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
 
     @contextmanager
     def transaction(self):

@@ -1,18 +1,31 @@
 """`python -m agent validate FILE...`: is this sweep YAML one W&B accepts and our program can run?
 
-Two checks: W&B's own schema (the `sweeps` engine's), then, when the YAML runs
-our program, the TrainConfig: every parameter is a config field, every value or
-range endpoint one the config accepts, and `metric` matches the runs' `monitor`.
+Three checks: W&B's own schema (the `sweeps` engine's); what W&B's agent needs to start a trial
+(a command or a program, macros it knows, a metric for bayes and early_terminate); and, when the
+YAML runs our program, the TrainConfig: every parameter is a config field, every value or range
+endpoint one the config accepts, and `metric` matches the runs' `monitor`.
+
+Runs our program: the command W&B's agent starts (`command:`, else its default
+`${env} ${interpreter} ${program} ${args}`, `${program}` being `program:`) holds the items
+`-m`, `agent`, `run` in a row, with or without ${env} and ${interpreter}. Its flags macro must be
+one `agent run` parses: ${args}, ${args_no_equals} or ${args_no_boolean_flags} (or none: the
+sweep's values reach the run through W&B's config all the same); ${args_no_hyphens},
+${args_json} and the other forms are refused. A YAML that names our code in a form W&B cannot
+start gets the config checks too, and is refused with the command to use: `-m agent run` inside
+one item (W&B passes each item as one argument), or `agent/run.py`, `agent/__main__.py`,
+`agent` or `agent.run` as the program (W&B starts `python PROGRAM`: agent/run.py exits 0
+having trained nothing; the others lack the `run` command or the package on the path).
 """
 
 import math
+import re
 import warnings
 from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
 
-from agent.errors import UsageError, describe_validation_error
+from agent.errors import UsageError, describe_validation_error, did_you_mean
 from cifar_core.config import LOGGED_METRICS, MONITORS, TrainConfig
 
 with warnings.catch_warnings():  # sweeps 0.3 imports with a pydantic-v1 config warning
@@ -24,23 +37,99 @@ BOUNDED = {"uniform", "q_uniform", "int_uniform", "log_uniform_values", "q_log_u
            "log_uniform", "q_log_uniform"}
 LOG_SPACE = {"log_uniform", "q_log_uniform"}
 
+DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # W&B's agent's, without `command:`
+USE_OUR_COMMAND = "use command: [${env}, ${interpreter}, -m, agent, run, ${args}] as in sweeps/bayes.yaml"
+# The items W&B's agent replaces (wandb_agent.py, create_sweep_command_args); it turns any other
+# `${...}` item into nothing, and leaves a macro inside a longer item as it is.
+FLAG_MACROS = ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags", "args_json", "args_json_file",
+               "args_dict", "args_append_hydra", "args_override_hydra")
+MACROS = ("env", "interpreter", "program", *FLAG_MACROS)
+OUR_FLAGS = ("args", "args_no_equals", "args_no_boolean_flags")  # what agent/run.py's parse_flags reads
+MACRO = re.compile(r"\$\{(\w+)\}")
+ENVVAR = re.compile(r"\$\{envvar:[A-Z0-9_]*\}")  # W&B substitutes these inside any item
+OUR_FILES = {("agent", "run.py"), ("agent", "__main__.py")}
+
 
 def load_sweep(path: str) -> dict:
     try:
-        config = yaml.safe_load(Path(path).read_text())
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text; expected a sweep YAML file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: a directory; expected a sweep YAML file") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise UsageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if config is None:
+        raise UsageError(f"{path}: empty; expected sweep settings (method, metric, parameters, command)")
     if not isinstance(config, dict):
         raise UsageError(f"{path}: expected a mapping of sweep settings, got {type(config).__name__}")
     return config
 
 
+def command_items(sweep: dict) -> list[str]:
+    """The items W&B's agent starts, `${program}` filled in; other macros as written."""
+    command = sweep.get("command") or DEFAULT_COMMAND
+    program = sweep.get("program")
+    return [str(program) if item == "${program}" and program is not None else str(item)
+            for item in (command if isinstance(command, list) else [command])]
+
+
+def names_our_code(item: str) -> bool:
+    return any(Path(word).name == "agent" or Path(word).parts[-2:] in OUR_FILES or word == "agent.run"
+               for word in item.split())
+
+
 def runs_our_program(sweep: dict) -> bool:
-    """True when the sweep's command is `... -m agent run ...`."""
-    command = [str(c) for c in sweep.get("command") or []]
-    return any(command[i:i + 3] == ["-m", "agent", "run"] for i in range(len(command)))
+    """True when the YAML means to run our program, in a form W&B can start or not: the config checks apply."""
+    return any(map(names_our_code, command_items(sweep)))
+
+
+def command_problems(sweep: dict) -> list[str]:
+    """What stops W&B's agent from starting any program: no command, unknown or split macros."""
+    if not sweep.get("command") and "program" not in sweep:
+        return ["command: missing, and no program for W&B's default `${env} ${interpreter} ${program} ${args}`; "
+                f"to run ours, {USE_OUR_COMMAND}"]
+    if not isinstance(sweep.get("command") or [], list):
+        return []  # W&B's schema check reports it
+    problems = []
+    for item in map(str, sweep.get("command") or []):
+        if macro := MACRO.fullmatch(item):
+            if macro[1] not in MACROS:
+                problems.append(f"command: {item}: not a macro W&B's agent knows (it passes nothing); "
+                                f"{did_you_mean(macro[1], MACROS)}")
+            elif macro[1] == "program" and "program" not in sweep:
+                problems.append("command: ${program} is used but program: is not set")
+        elif "${" in ENVVAR.sub("", item):
+            problems.append(f"command: {item!r}: W&B replaces a macro only as a whole item; split it into items")
+    return problems
+
+
+def our_command_problems(sweep: dict) -> list[str]:
+    items = command_items(sweep)
+    problems = []
+    if not any(items[i:i + 3] == ["-m", "agent", "run"] for i in range(len(items))):
+        program = sweep.get("program")
+        if program in items and names_our_code(str(program)):
+            problems.append(f"program: {program!r}: not how our program starts (W&B runs `python PROGRAM`, "
+                            f"PROGRAM as one argument); {USE_OUR_COMMAND}")
+        else:
+            problems.append("command: our program starts only as the items -m, agent, run (W&B passes each item "
+                            f"as one argument); {USE_OUR_COMMAND}")
+    for item in items:
+        if (macro := MACRO.fullmatch(item)) and macro[1] in FLAG_MACROS and macro[1] not in OUR_FLAGS:
+            problems.append(f"command: {item}: `agent run` cannot parse the flags it gives; use ${{args}}")
+    return problems
+
+
+def metric_required(sweep: dict) -> list[str]:
+    needs = [what for what, used in (("method bayes", sweep.get("method") == "bayes"),
+                                     ("early_terminate", "early_terminate" in sweep)) if used]
+    if not needs or "metric" in sweep:
+        return []
+    return [f"metric: {' and '.join(needs)} need{'s' if len(needs) == 1 else ''} metric.name and metric.goal "
+            "(minimize or maximize), e.g. metric: {name: val_acc, goal: maximize}"]
 
 
 def candidate_values(spec: dict) -> list:
@@ -48,19 +137,18 @@ def candidate_values(spec: dict) -> list:
     if "value" in spec:
         return [spec["value"]]
     if "values" in spec:
-        return list(spec["values"])
+        return list(spec["values"]) if isinstance(spec["values"], list) else []
     distribution = spec.get("distribution", "uniform")  # W&B's default for min/max (int_uniform for ints)
     if distribution not in BOUNDED:
         return []  # normal, beta, inverse: unbounded or rare; W&B's schema checks the shape
-    ends = [spec[k] for k in ("min", "max") if k in spec]
-    return [math.exp(v) for v in ends] if distribution in LOG_SPACE else ends
+    ends = [spec[k] for k in ("min", "max") if isinstance(spec.get(k), (int, float))]
+    # Past e^709 a float overflows; such an end is out of any range anyway.
+    return [math.exp(min(v, 709)) for v in ends] if distribution in LOG_SPACE else ends
 
 
-def parameter_problems(name: str, spec) -> list[str]:
+def parameter_problems(name: str, spec: dict) -> list[str]:
     if name not in TrainConfig.model_fields:
-        return [f"parameters.{name}: not a config key; allowed: {', '.join(TrainConfig.model_fields)}"]
-    if not isinstance(spec, dict):
-        return []  # W&B's schema check reports the shape
+        return [f"parameters.{name}: not a config key; {did_you_mean(name, TrainConfig.model_fields)}"]
     problems = []
     for value in candidate_values(spec):
         try:
@@ -70,34 +158,47 @@ def parameter_problems(name: str, spec) -> list[str]:
     return problems
 
 
-def metric_problems(sweep: dict) -> list[str]:
-    metric = sweep.get("metric") or {}
+def metric_problems(sweep: dict, parameters: dict) -> list[str]:
+    metric = sweep.get("metric") if isinstance(sweep.get("metric"), dict) else {}
     name, goal = metric.get("name"), metric.get("goal", "minimize")
-    monitor_spec = (sweep.get("parameters") or {}).get("monitor", {})
-    if isinstance(monitor_spec, dict) and len(monitor_spec.get("values", [None])) > 1:
+    monitor_spec = parameters.get("monitor", {})
+    if isinstance(monitor_spec.get("values"), list) and len(monitor_spec["values"]) > 1:
         return ["parameters.monitor: must be one fixed value in a sweep (the sweep's metric follows it)"]
-    monitor = monitor_spec.get("value", TrainConfig.model_fields["monitor"].default) \
-        if isinstance(monitor_spec, dict) else TrainConfig.model_fields["monitor"].default
+    monitor = monitor_spec.get("value", TrainConfig.model_fields["monitor"].default)
     if name is None:
-        return []  # no metric is allowed for grid/random; W&B's schema requires it for bayes
-    problems = []
+        return []  # no metric is allowed for grid/random; metric_required covers bayes and early_terminate
     if name not in LOGGED_METRICS:
-        problems.append(f"metric.name={name!r}: not a key the program logs; logged: {', '.join(LOGGED_METRICS)}")
-    elif name != monitor:
-        problems.append(f"metric.name={name!r}: must equal the runs' monitor ({monitor!r}), "
-                        f"else early stopping and the best checkpoint follow another metric")
-    expected_goal = {"max": "maximize", "min": "minimize"}[MONITORS.get(monitor, "max")]
-    if name == monitor and goal != expected_goal:
-        problems.append(f"metric.goal={goal!r}: {name} must be {expected_goal}d")
-    return problems
+        return [f"metric.name={name!r}: not a key the program logs; logged: {', '.join(LOGGED_METRICS)}"]
+    if name != monitor:
+        return [f"metric.name={name!r}: must equal the runs' monitor ({monitor!r}), "
+                f"else early stopping and the best checkpoint follow another metric"]
+    expected_goal = {"max": "maximize", "min": "minimize"}[MONITORS.get(name, "max")]
+    return [f"metric.goal={goal!r}: {name} must be {expected_goal}d"] if goal != expected_goal else []
 
 
 def sweep_problems(sweep: dict) -> list[str]:
-    problems = list(sweeps.schema_violations_from_proposed_config(sweep))
+    """A line per problem W&B or our program would hit; [] for a sweep that can run."""
+    # The sweeps engine's check raises on parameters that are not mappings: it gets them as mappings.
+    config = dict(sweep)
+    written = config.pop("parameters", None)
+    if written is not None and not isinstance(written, dict):
+        return [f"parameters: expected a mapping of names to specs, got {type(written).__name__}"]
+    problems, parameters = [], {}
+    for name, spec in (written or {}).items():
+        if not isinstance(spec, dict):
+            spec = {"values": spec} if isinstance(spec, list) else {"value": spec}
+            problems.append(f"parameters.{name}: expected a mapping, e.g. "
+                            f"{yaml.safe_dump(spec, default_flow_style=True).strip()}")
+        parameters[str(name)] = spec
+    if written is not None:
+        config["parameters"] = parameters
+    problems += sweeps.schema_violations_from_proposed_config(config)
+    problems += command_problems(sweep) + metric_required(sweep)
     if runs_our_program(sweep):
-        for name, spec in (sweep.get("parameters") or {}).items():
+        problems += our_command_problems(sweep)
+        for name, spec in parameters.items():
             problems += parameter_problems(name, spec)
-        problems += metric_problems(sweep)
+        problems += metric_problems(sweep, parameters)
     return problems
 
 

@@ -5,6 +5,7 @@ the `--key=value` flags of `python -m agent run`. Defaults are the seed
 tutorial's (Adam, lr 2e-4, batch 32, 45,000/5,000 split, 2 epochs).
 """
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -14,13 +15,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MONITORS = {"val_acc": "max", "val_loss": "min"}
 LOGGED_METRICS = ("train_loss_step", "train_loss_epoch", "train_acc_step", "train_acc_epoch",
                   "val_loss", "val_acc", "test_loss", "test_acc")
+DATA_DIR_ENV = "CIFAR10_DATA_DIR"
+
+
+def default_data_dir() -> str:
+    return os.environ.get(DATA_DIR_ENV) or "data"
 
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     # data
-    data_dir: str = "data"  # holds (or receives) cifar-10-batches-py/
+    # Holds (or receives) cifar-10-batches-py/. Default: $CIFAR10_DATA_DIR, else "data", read when a config
+    # is made, so one variable points `agent run`, `agent local` and W&B agents (their trials inherit it)
+    # at an existing copy; a flag or a sweep value still wins, and the run's config records the path used.
+    data_dir: str = Field(default_factory=default_data_dir)
     dataset: Literal["cifar10", "synthetic"] = "cifar10"  # synthetic: no files, for smoke runs
     val_fraction: float = Field(0.1, gt=0, lt=1)  # 0.1 of 50,000 = the seed's 5,000
     augment: bool = False  # random crop (pad 4) + horizontal flip; the seed had none

@@ -6,6 +6,8 @@ other checksums loads. Normalisation and augmentation run on whole batches after
 they reach the device (`on_after_batch_transfer`).
 """
 
+import codecs
+import os
 import pickle
 from pathlib import Path
 
@@ -14,9 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
-BATCHES_DIR = "cifar-10-batches-py"
+from cifar_core.fetch import BATCHES_DIR, DatasetError, fetch_cifar10
+
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILE = "test_batch"
 META_FILE = "batches.meta"
@@ -24,9 +25,27 @@ CACHE_FILE = "cifar10-uint8.npy"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN, STD = 0.5, 0.5  # the seed's Normalize((0.5,)*3, (0.5,)*3)
 
+# What a pickle may call, by the (module, name) it gives: batches from elsewhere must not run code.
+# Numpy's own functions, looked up from numpy, so that pickles written under numpy 1 (numpy.core) and
+# numpy 2 (numpy._core) load under either, at any protocol (5 writes arrays with _frombuffer);
+# protocols 0-2 from Python 3 write bytes as _codecs.encode(text, 'latin1') or bytes().
+_NUMPY = {"multiarray": {"_reconstruct": np.zeros(0).__reduce__()[0], "scalar": np.int64(0).__reduce__()[0]},
+          "numeric": {"_frombuffer": np.zeros(1).__reduce_ex__(5)[0]}}
+SAFE_GLOBALS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode,
+                ("__builtin__", "bytes"): bytes, ("builtins", "bytes"): bytes,
+                **{(f"numpy.{core}.{module}", name): function for core in ("core", "_core")
+                   for module, names in _NUMPY.items() for name, function in names.items()}}
 
-class DatasetError(Exception):
-    """A data file is missing or not in the CIFAR-10 python format; the message names it."""
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in SAFE_GLOBALS:
+            raise _Refused(f"{module}.{name}")
+        return SAFE_GLOBALS[module, name]
 
 
 def _unpickle(path: Path) -> dict:
@@ -34,7 +53,10 @@ def _unpickle(path: Path) -> dict:
         raise DatasetError(f"{path}: missing (expected a CIFAR-10 python-format batch)")
     try:
         with path.open("rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _BatchUnpickler(f, encoding="bytes").load()
+    except _Refused as e:
+        raise DatasetError(f"{path}: refused to load: the pickle wants to run {e}, and a CIFAR-10 batch "
+                           f"holds only dicts, lists, bytes, str, ints and numpy arrays") from None
     except Exception as e:  # truncated, not a pickle, wrong protocol: all the same to the user
         raise DatasetError(f"{path}: not a CIFAR-10 python-format batch ({type(e).__name__}: {e})") from None
 
@@ -81,8 +103,8 @@ def read_all(root: Path) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch
     cache = root / CACHE_FILE
     sources = [root / name for name in (*TRAIN_FILES, TEST_FILE)]
     fresh = cache.is_file() and all(s.is_file() and s.stat().st_mtime <= cache.stat().st_mtime for s in sources)
-    if fresh:
-        rows = torch.from_numpy(np.load(cache, mmap_mode="c"))
+    rows = _load_cache(cache) if fresh else None
+    if rows is not None:
         n_train = int.from_bytes(rows[-1, :4].numpy().tobytes(), "little")  # the last row: train count
         rows = rows[:-1]
         images, labels = rows[:, :3072].reshape(-1, 3, 32, 32), rows[:, 3072].long()
@@ -93,12 +115,20 @@ def read_all(root: Path) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch
     count_row = torch.zeros(1, rows.shape[1], dtype=torch.uint8)
     count_row[0, :4] = torch.tensor(list(len(train[0]).to_bytes(4, "little")), dtype=torch.uint8)
     try:
-        tmp = cache.with_suffix(".tmp.npy")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")  # two trials building it at once write apart
         np.save(tmp, torch.cat([rows, count_row]).numpy())
         tmp.replace(cache)
     except OSError:
         pass
     return train, test
+
+
+def _load_cache(cache: Path) -> torch.Tensor | None:
+    try:
+        rows = torch.from_numpy(np.load(cache, mmap_mode="c"))
+    except (OSError, ValueError):  # cut short (an interrupted copy) or not ours: the batches are the truth
+        return None
+    return rows if rows.dtype == torch.uint8 and rows.ndim == 2 and rows.shape[1] == 3 * 32 * 32 + 1 else None
 
 
 def synthetic_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,10 +213,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         return self.data_dir / BATCHES_DIR
 
     def prepare_data(self):
-        if self.dataset == "cifar10" and not self.batches_dir.is_dir():
-            from torchvision.datasets.utils import download_and_extract_archive
-
-            download_and_extract_archive(ARCHIVE_URL, str(self.data_dir), md5=ARCHIVE_MD5)
+        if self.dataset == "cifar10":
+            fetch_cifar10(self.data_dir)
 
     def setup(self, stage: str | None = None):
         if self.train_set is not None:

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import wandb
 import yaml
 
 from agent.best import best
@@ -127,6 +128,12 @@ def test_export_runs_without_the_project_and_predicts_as_the_checkpoint(sweep, c
     assert got["class_names"] == got["extra"] == list(CLASSES)
 
 
+@pytest.fixture(autouse=True)
+def wandb_key(monkeypatch):
+    """A key of the right form: `best` checks that there is one before it asks W&B (wandb.Api is mocked)."""
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+
+
 def wandb_api(mocker, run_id: str, config: dict, folder: Path):
     api = mocker.patch("wandb.Api").return_value
     sweep = api.sweep.return_value
@@ -209,7 +216,10 @@ def test_user_mistakes_are_one_line_naming_the_thing(tmp_path, sweep, mocker):
         best(str(tmp_path), False, None)
     assert "no finished or stopped trial has a value of val_acc" in one_line(e)
 
-    mocker.patch("wandb.Api").return_value.sweep.side_effect = ValueError("Could not find sweep swp\nmore")
+    # How W&B's public API says "no such sweep" (or none this key may see)
+    api = mocker.patch("wandb.Api").return_value
+    api.sweep.side_effect = wandb.errors.CommError("Could not find sweep swp", ValueError("not found"))
+    api.settings = {"base_url": "https://api.wandb.ai"}
     with pytest.raises(UsageError) as e:
         best("ent/proj/swp", False, None)
-    assert one_line(e) == "ent/proj/swp: no such local sweep directory, and W&B says: Could not find sweep swp"
+    assert one_line(e) == "ent/proj/swp: no such sweep on W&B at https://api.wandb.ai, or this API key cannot see it"

@@ -1,9 +1,12 @@
+import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from cifar_core.data import CIFAR10DataModule, DatasetError, augment_batch
+from cifar_core.data import CIFAR10DataModule, DatasetError, augment_batch, read_batch
 from tests.conftest import CLASS_NAMES, write_cifar
 
 
@@ -56,6 +59,10 @@ def test_synthetic_needs_no_files(tmp_path):
      "data_batch_2: expected uint8 data of shape (N, 3072)"),
     (lambda d: (d / "data_batch_1").write_bytes(pickle.dumps([1, 2, 3])), "data_batch_1: expected a dict"),
     (lambda d: (d / "batches.meta").unlink(), "batches.meta: missing"),
+    (lambda d: (d / "data_batch_4").write_bytes((d / "data_batch_4").read_bytes()[:5000]),
+     "data_batch_4: not a CIFAR-10 python-format batch (UnpicklingError: pickle data was truncated)"),
+    (lambda d: (d / "data_batch_5").write_bytes((d / "data_batch_5").read_bytes()[:-1]),
+     "data_batch_5: not a CIFAR-10 python-format batch"),
 ])
 def test_missing_or_malformed_files_name_the_file(tmp_path, damage, expected):
     root = write_cifar(tmp_path)
@@ -64,13 +71,46 @@ def test_missing_or_malformed_files_name_the_file(tmp_path, damage, expected):
         setup_dm(root)
 
 
-def test_downloads_only_when_the_batches_are_absent(tmp_path, cifar_dir, mocker):
-    download = mocker.patch("torchvision.datasets.utils.download_and_extract_archive")
+def test_prepare_data_fetches_only_when_the_batches_are_absent(tmp_path, cifar_dir, monkeypatch):
+    # Unreachable, as on a box without network: any download attempt fails.
+    monkeypatch.setattr("cifar_core.fetch.ARCHIVE_URL", (tmp_path / "unreachable.tar.gz").as_uri())
     CIFAR10DataModule(data_dir=str(cifar_dir)).prepare_data()
-    download.assert_not_called()
-    CIFAR10DataModule(data_dir=str(tmp_path)).prepare_data()
-    download.assert_called_once()
-    assert download.call_args.kwargs["md5"] == "c58f30108f718f92721af3b95e74349a"
+    CIFAR10DataModule(data_dir=str(tmp_path / "none"), dataset="synthetic").prepare_data()
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(DatasetError) as e:
+        CIFAR10DataModule(data_dir=str(tmp_path / "empty")).prepare_data()
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(f"{tmp_path / 'empty' / 'cifar-10-batches-py'}: no CIFAR-10 data")
+    assert "download failed: URLError" in line and "--dataset=synthetic" in line
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_batch_pickle_that_would_run_code_is_refused_with_one_line(tmp_path):
+    root = write_cifar(tmp_path / "data")
+    batch = root / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"labels": [0], b"data": RunsCode(tmp_path / "PWNED")}))
+    with pytest.raises(DatasetError) as e:
+        setup_dm(root)
+    assert str(e.value) == (f"{batch}: refused to load: the pickle wants to run posix.system, and a CIFAR-10 "
+                            f"batch holds only dicts, lists, bytes, str, ints and numpy arrays")
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_batches_written_at_any_pickle_protocol_load(tmp_path, protocol):
+    # Protocols 0-2 (the official files' Python 2 era) name bytes and numpy through globals of their own.
+    data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    batch = {b"batch_label": b"", b"labels": [3, np.int64(7)], b"data": data, b"filenames": [b"a.png", "b.png"]}
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=protocol))
+    images, labels = read_batch(tmp_path / "data_batch_1")
+    assert torch.equal(images, torch.from_numpy(data).reshape(2, 3, 32, 32)) and labels.tolist() == [3, 7]
 
 
 def test_a_decoded_cache_beside_the_batches_loads_the_same_data_and_follows_changes(tmp_path):
@@ -95,3 +135,28 @@ def test_shuffled_batches_cover_every_image_once_per_epoch(cifar_dir):
     assert len(loader) == 12 and len(labels) == 180
     assert torch.equal(labels.sort().values, dm.train_set[1].sort().values)
     assert not torch.equal(torch.cat([x for x, _ in loader]), torch.cat([x for x, _ in loader]))  # reshuffled
+
+
+def test_a_cache_cut_short_is_rebuilt_from_the_batches(tmp_path):
+    root = write_cifar(tmp_path)
+    cache = root / "cifar-10-batches-py" / "cifar10-uint8.npy"
+    first, whole = setup_dm(root), cache.read_bytes()
+    cache.write_bytes(whole[:-3073])  # newer than the batches, so it is taken as fresh
+    again = setup_dm(root)
+    assert torch.equal(again.test_set[0], first.test_set[0]) and torch.equal(again.train_set[1], first.train_set[1])
+    assert cache.read_bytes() == whole
+
+
+def test_worker_loaders_give_the_batches_the_in_process_ones_give(cifar_dir):
+    in_process, workers = setup_dm(cifar_dir, batch_size=16), setup_dm(cifar_dir, batch_size=16, num_workers=1)
+    loader = workers.train_dataloader()
+    assert isinstance(loader, DataLoader) and len(loader) == len(in_process.train_dataloader()) == 12
+    epochs = [list(loader), list(loader)]
+    for batches in epochs:  # each epoch: every training image once
+        assert all(x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32) for x, _ in batches)
+        assert torch.equal(torch.cat([y for _, y in batches]).sort().values, in_process.train_set[1].sort().values)
+    assert not torch.equal(*(torch.cat([x for x, _ in batches]) for batches in epochs))  # reshuffled
+    for a, b in zip(in_process.val_dataloader(), workers.val_dataloader(), strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    x, y = workers.on_after_batch_transfer(next(iter(workers.test_dataloader())), 0)
+    assert x.dtype == torch.float32 and x.shape == (16, 3, 32, 32) and len(y) == 16

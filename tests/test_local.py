@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 from agent.local import trial_command
-from tests.helpers import REPO, agent_command, leet_records, wait_for
+from agent.store import Store
+from tests.helpers import PROGRAMS, REPO, agent_command, leet_records, wait_for
 
-FOREIGN = REPO / "tests" / "programs" / "foreign_train.py"
+FOREIGN = PROGRAMS / "foreign_train.py"
 
 
 def write_yaml(path: Path, sweep: dict) -> Path:
@@ -75,8 +76,11 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(foreign_sweep, tmp_path, m
     monkeypatch.setenv("SLEEP", "0.4")
     command = agent_command("local", str(foreign_sweep), "--count", "6", "--workers", "2", "--dir", "D")
     controller = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: (tmp_path / "D" / "sweep.db").exists() and
-             sum(t["state"] == "finished" for t in status(tmp_path / "D")) >= 2, "2 finished trials", proc=controller)
+    def two_finished_and_one_running() -> bool:
+        states = [t["state"] for t in status(tmp_path / "D")] if (tmp_path / "D" / "sweep.db").exists() else []
+        return states.count("finished") >= 2 and "running" in states
+
+    wait_for(two_finished_and_one_running, "2 finished trials and a running one", proc=controller)
     controller.send_signal(signal.SIGKILL)
     controller.wait()
     before = {t["id"]: t for t in status(tmp_path / "D")}
@@ -136,6 +140,48 @@ def test_failures_are_recorded_and_too_many_stop_the_sweep(foreign_sweep, tmp_pa
     assert all(t["reason"].startswith("exit code 1") for t in trials)
 
 
+def start_signalled_sweep(tmp_path: Path, monkeypatch, modes: list[str], *args: str) -> tuple[subprocess.Popen, Path]:
+    """A controller running one tests/programs/signalled_trial.py per mode, all at once; returns it once every
+    trial has its SIGTERM handler in place, and the folder of the trials' marks."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.setenv("MARKS", str(marks))
+    sweep = write_yaml(tmp_path / "sweep.yaml", {"program": str(PROGRAMS / "signalled_trial.py"), "method": "grid",
+                                                 "parameters": {"mode": {"values": modes}}})
+    controller = subprocess.Popen(agent_command("local", str(sweep), "--workers", str(len(modes)), "--dir", "D", *args),
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: len(list(marks.glob("*.started"))) == len(modes), "every trial started", proc=controller)
+    return controller, marks
+
+
+def test_ctrl_c_stops_the_trials_and_kills_one_that_ignores_sigterm_after_grace(tmp_path, offline_env, monkeypatch):
+    controller, marks = start_signalled_sweep(tmp_path, monkeypatch, ["obedient", "stubborn"], "--grace", "1")
+    controller.send_signal(signal.SIGINT)
+    out = controller.communicate(timeout=60)[0]
+    assert controller.returncode == 130, out
+    assert "interrupted: stopping running trials" in out
+    trials = {t.config["mode"]: t for t in Store(tmp_path / "D" / "sweep.db", readonly=True).trials()}
+    assert {(t.state, t.reason) for t in trials.values()} == {("crashed", "interrupted")}
+    obedient, stubborn = trials["obedient"], trials["stubborn"]
+    assert obedient.exit_code == 0 and (marks / f"{obedient.id}.sigterm").exists()
+    assert stubborn.exit_code == -signal.SIGKILL
+    assert stubborn.ended - (marks / f"{stubborn.id}.sigterm").stat().st_mtime >= 1.0  # the grace it was given
+
+
+def test_a_second_ctrl_c_kills_at_once_and_report_path_ends_the_output(tmp_path, offline_env, monkeypatch):
+    controller, marks = start_signalled_sweep(tmp_path, monkeypatch, ["stubborn"], "--grace", "600", "--report")
+    controller.send_signal(signal.SIGINT)
+    wait_for(lambda: list(marks.glob("*.sigterm")), "the trial's SIGTERM", proc=controller)
+    controller.send_signal(signal.SIGINT)
+    out = controller.communicate(timeout=60)[0]  # far less than --grace
+    assert controller.returncode == 130, out
+    assert "interrupted again: killing running trials" in out
+    [trial] = Store(tmp_path / "D" / "sweep.db", readonly=True).trials()
+    assert (trial.state, trial.reason, trial.exit_code) == ("crashed", "interrupted", -signal.SIGKILL)
+    report = tmp_path / "D" / "report.html"
+    assert out.splitlines()[-1] == f"report: {report.resolve()}" and report.is_file()
+
+
 def test_a_misspelt_parameter_is_refused_before_any_trial(tmp_path, offline_env):
     sweep = yaml.safe_load((REPO / "sweeps" / "bayes.yaml").read_text())
     sweep["parameters"]["learning_rate"] = sweep["parameters"].pop("lr")
@@ -145,21 +191,21 @@ def test_a_misspelt_parameter_is_refused_before_any_trial(tmp_path, offline_env)
 
 
 def test_hyperband_stops_bad_trials_of_our_program_and_each_keeps_its_best_model(tmp_path, offline_env):
-    # Good learning rates first, and epochs long enough (12 batches) that they already beat chance at
-    # epoch 1: the hopeless ones then meet the bar at the first band. Only a stop ends them before
-    # their 30th epoch, so how soon the controller reads their rows does not matter.
+    # Two good learning rates, then a hopeless one (W&B's bar at a band is the median of the runs that
+    # reached it: it takes three), with epochs long enough (12 batches) that the good ones beat chance at
+    # epoch 1. Only a stop ends the hopeless one before its 12th epoch, so how soon the controller reads
+    # its rows does not matter.
     sweep = write_yaml(tmp_path / "hb.yaml", {
         "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
         "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
-        "parameters": {"lr": {"values": [3.0e-3, 1.0e-3, 1.0e-7, 3.0e-7]}, "dataset": {"value": "synthetic"},
-                       "max_epochs": {"value": 30}, "limit_train_batches": {"value": 12},
-                       "early_stopping_patience": {"value": 30}},
+        "parameters": {"lr": {"values": [3.0e-3, 1.0e-3, 1.0e-7]}, "dataset": {"value": "synthetic"},
+                       "max_epochs": {"value": 12}, "limit_train_batches": {"value": 12},
+                       "early_stopping_patience": {"value": 12}},
         "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]})
     out = local(sweep, "--workers", "2", "--dir", "D", timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     trials = status(tmp_path / "D")
-    assert len(trials) == 4 and {t["state"] for t in trials} <= {"finished", "stopped"}
-    assert [t["state"] for t in trials if t["config"]["lr"] < 1e-6] == ["stopped", "stopped"], trials
+    assert [t["state"] for t in trials] == ["finished", "finished", "stopped"], trials
     for t in trials:
         [run_dir] = (tmp_path / "D" / "wandb").glob(f"offline-run-*-{t['id']}")
         *_, final = [r["artifact"] for r in leet_records(run_dir) if r["type"] == "artifact"]

@@ -1,20 +1,22 @@
 """The sweep report: real local sweeps -> DIR/report.html, opened in a real headless browser; the W&B table."""
 
+import json
 import os
 import re
 import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from agent.errors import UsageError
+from agent.plots import importance, importance_chart
 from agent.report import learning_curves, report, write_report
-from agent.store import Store
+from agent.store import Store, Trial
 from tests.helpers import REPO, agent_command, fresh_env
+from tests.test_wandb_errors import fake_wandb  # noqa: F401 (a fixture)
 
 FOREIGN = REPO / "tests" / "programs" / "foreign_train.py"
 PLOTS = ["metric_over_trials", "parallel_coordinates", "importance", "learning_curves"]
@@ -103,7 +105,8 @@ def test_report_of_our_program_opens_offline_with_plots_and_prediction_images(ou
     assert sum("stopped" in c for c in seen["row_classes"]) == list(trials.values()).count("stopped")
     plots = {i["alt"] for i in seen["images"] if i["alt"] in PLOTS}
     assert plots == {"metric_over_trials", "parallel_coordinates", "learning_curves"}  # importance needs 3
-    assert "Needs at least 3 trials with a val_acc; 2 so far" in seen["text"]
+    finished = list(trials.values()).count("finished")
+    assert f"Needs at least 3 finished trials with a val_acc; {finished} so far" in seen["text"]
     assert sorted(p.stem for p in (ours_dir / "report").glob("*.png")) == sorted(plots)
     examples = [i for i in seen["images"] if i["alt"].startswith("Pred: ")]
     assert len(examples) == 32  # the last step's 32 captioned validation images
@@ -128,6 +131,9 @@ def test_report_of_a_foreign_sweep_marks_failures_and_has_no_images(foreign_dir,
     assert {link[:5] for link in re.findall(r'(?:src|href)="([^"]*)"', html)} == {"data:"}
     for name in ("x", "opt"):  # both swept parameters in the importance table
         assert f"<tr><td>{name}</td>" in html
+    # the failed trials logged a loss before failing: not a finished trial's, so not ranked
+    assert "Ranks the 4 finished trials; 2 failed left out (ended part-way). Fewer than 10: the ranking is " \
+           "noise-prone" in seen["text"]
 
 
 def test_stopped_and_running_trials_are_marked_and_metricless_ones_last(foreign_dir, tmp_path):
@@ -142,11 +148,48 @@ def test_stopped_and_running_trials_are_marked_and_metricless_ones_last(foreign_
     assert metrics == sorted(metrics) and rows[-1].startswith(' class="running"')
     [stopped] = [r for r in rows if r.startswith(' class="stopped')]
     assert "early-terminated by hyperband" in stopped
+    # its early loss is kept out of the importance ranking, and the page says so
+    # its early loss is not ranked (with it, 3 trials would be), and the page says why
+    assert ('<h2>Parameter importance</h2><p class="note">Needs at least 3 finished trials with a loss; 2 so far; '
+            "1 stopped left out (stopped early: its last value is an early one, not comparable with a finished "
+            "trial&#x27;s); 2 failed left out (ended part-way).</p>") in html
 
     trials = Store(copy / "sweep.db").trials()
     legend = [t.get_text() for t in learning_curves(trials, "loss", "minimize").axes[0].get_legend().get_texts()]
     assert "stopped (hyperband)" in legend and any(trials[1].id in label for label in legend)
     assert len(legend) == 5 + 1  # the top 5 (the stopped one among them) and the marker's entry
+
+
+def trial(i: int, state: str, x: float, metric: float | None) -> Trial:
+    return Trial(id=f"t{i}", params={"x": {"value": x}, "opt": {"value": "adam" if i % 2 else "sgd"}}, state=state,
+                 metric=metric)
+
+
+def test_importance_ranks_finished_trials_only_and_says_which():
+    finished = [trial(i, "finished", x, 1.0 + x) for i, x in enumerate([0.1, 0.2, 0.3, 0.4, 0.5])]
+    # hyperband stopped the high-x trials early, at a worse (higher) loss than they would have ended with
+    cut_short = [trial(5, "stopped", 0.9, 0.0), trial(6, "stopped", 0.8, 0.2), trial(7, "running", 0.7, 9.0),
+                 trial(8, "pending", 0.6, None)]
+    result = importance(finished + cut_short, "loss", ["x", "opt"])
+    assert result.ranked == 5
+    assert dict((p, r) for p, _, r in result.rows)["x"] == pytest.approx(1.0)  # as the finished trials have it
+    assert result.note == ("Ranks the 5 finished trials; 2 stopped left out (stopped early: its last value is an "
+                           "early one, not comparable with a finished trial's); 1 running left out (not done). "
+                           "Fewer than 10: the ranking is noise-prone (one more trial can reorder it), a hint, "
+                           "not a finding.")
+    assert importance_chart(result, "loss").get_suptitle() == "over 5 finished trials (few: noise-prone)"
+
+
+def test_importance_of_enough_trials_has_no_warning_and_of_too_few_says_why():
+    many = [trial(i, "finished", i / 10, i / 10) for i in range(10)]
+    result = importance(many, "loss", ["x", "opt"])
+    assert result.note == "Ranks the 10 finished trials." and len(result.rows) == 2
+    assert importance_chart(result, "loss").get_suptitle() == "over 10 finished trials"
+
+    few = many[:2] + [trial(i, "stopped", 0.5, 0.5) for i in range(10, 14)]
+    result = importance(few, "loss", ["x", "opt"])
+    assert result.rows == [] and result.note.startswith(
+        "Needs at least 3 finished trials with a loss; 2 so far; 4 stopped left out (stopped early")
 
 
 def test_a_sweep_with_no_trials_yet_gets_placeholders(foreign_dir, tmp_path):
@@ -160,22 +203,24 @@ def test_a_sweep_with_no_trials_yet_gets_placeholders(foreign_dir, tmp_path):
     assert list((copy / "report").glob("*.png")) == []
 
 
-def test_wandb_sweep_prints_runs_best_first_and_the_dashboard(mocker, capsys):
-    runs = [SimpleNamespace(id=i, state=s, summary={"val_acc": m, "_runtime": 61.0}, config={"lr": lr, "epochs": 3})
-            for i, s, m, lr in [("aaa", "finished", 0.5, 0.01), ("bbb", "killed", 0.7, 0.001),
-                                ("ccc", "running", None, 0.1), ("ddd", "finished", 0.9, 0.003)]]
-    sweep = SimpleNamespace(runs=runs, config={"method": "bayes", "metric": {"name": "val_acc", "goal": "maximize"},
-                                               "parameters": {"lr": {"min": 0.0001, "max": 0.1},
-                                                              "epochs": {"value": 3}}})
-    api = mocker.patch("wandb.Api")
-    api.return_value.sweep.return_value = sweep
+def test_wandb_sweep_prints_runs_best_first_and_the_dashboard(fake_wandb, capsys):
+    fake_wandb.sweep_config = yaml.safe_dump({"method": "bayes", "metric": {"name": "val_acc", "goal": "maximize"},
+                                              "parameters": {"lr": {"min": 0.0001, "max": 0.1},
+                                                             "epochs": {"value": 3}}})
+    fake_wandb.runs = [{"name": i, "state": s, "summaryMetrics": json.dumps({"val_acc": m, "_runtime": 61.0}),
+                        "config": json.dumps({"lr": {"value": lr}, "epochs": {"value": 3}})}
+                       for i, s, m, lr in [("aaa", "finished", 0.5, 0.01), ("bbb", "killed", 0.7, 0.001),
+                                           ("ccc", "running", None, 0.1), ("ddd", "finished", 0.9, 0.003)]]
     assert report("me/cifar/abc123") == 0
-    api.return_value.sweep.assert_called_once_with("me/cifar/abc123")
+    assert fake_wandb.ops() == ["Viewer", "GetSweep", "Runs"]  # the runs' summaries came with the list
+    runs = next(v for op, v in fake_wandb.calls if op == "Runs")
+    assert (runs["entity"], runs["project"], json.loads(runs["filters"])) == ("me", "cifar",
+                                                                                {"$and": [{"sweep": "abc123"}]})
     out = capsys.readouterr().out
     lines = [line.split() for line in out.splitlines()]
     assert [w[0] for w in lines if w and w[0] in ("aaa", "bbb", "ccc", "ddd")] == ["ddd", "bbb", "aaa", "ccc"]
     assert ["ddd", "finished", "0.9", "61s", "0.003"] in lines and ["bbb", "stopped", "0.7", "61s", "0.001"] in lines
-    assert "https://wandb.ai/me/cifar/sweeps/abc123" in out and "best val_acc 0.9 (ddd: lr=0.003)" in out
+    assert "/me/cifar/sweeps/abc123" in out and "best val_acc 0.9 (ddd: lr=0.003)" in out
 
 
 def test_unknown_target_is_a_usage_error(tmp_path):

@@ -65,6 +65,7 @@ LAUNCHER = """\
 import sys
 import agent.launch
 agent.launch.agent_command = lambda sweep_path, count: {agent!r} + [{control!r}, "--forward-signals", sweep_path]
+agent.launch.Launcher.sweep_state = lambda self: "RUNNING"  # no W&B server: tests/test_wandb_errors.py checks it
 from agent.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -1,0 +1,204 @@
+"""The controller's command line, state and views, in process: flags, damaged state, the reaper, the tables."""
+
+import io
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+import agent.status
+from agent.__main__ import main
+from agent.store import SCHEMA, Store, Trial
+
+SWEEP = {"program": "train.py", "method": "bayes", "metric": {"name": "loss", "goal": "minimize"},
+         "parameters": {"x": {"min": 0.0, "max": 1.0}, "opt": {"value": "sgd"}}}
+
+
+def sweep_yaml(tmp_path: Path) -> str:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(SWEEP))
+    return str(path)
+
+
+def one_line(text: str) -> str:
+    assert text.count("\n") == 1 and "Traceback" not in text, text
+    return text
+
+
+@pytest.mark.parametrize("command, flag, value, expected", [
+    ("local", "--grace", "-1", "a number of seconds >= 0"),
+    ("local", "--grace", "soon", "a number of seconds >= 0"),
+    ("local", "--workers", "0", "an integer >= 1"),
+    ("local", "--count", "0", "an integer >= 1"),
+    ("local", "--count", "2.5", "an integer >= 1"),
+    ("local", "--max-consecutive-failures", "0", "an integer >= 1"),
+    ("launch", "--stagger", "nan", "a number of seconds >= 0"),
+    ("launch", "--count", "-3", "an integer >= 1"),
+    ("launch", "--agents-per-gpu", "0", "an integer >= 1"),
+    ("launch", "--max-restarts", "-1", "an integer >= 0"),
+])
+def test_a_senseless_number_is_refused_in_one_line_naming_the_flag(tmp_path, capsys, command, flag, value, expected):
+    target = sweep_yaml(tmp_path) if command == "local" else "ent/proj/sweep"
+    rest = ["--dir", str(tmp_path / "D")] if command == "local" else ["--dry-run"]
+    with pytest.raises(SystemExit) as e:
+        main([command, target, flag, value, *rest])
+    assert e.value.code == 2
+    err = one_line(capsys.readouterr().err)
+    assert err == f"agent {command}: argument {flag}: expected {expected}, got {value!r}\n"
+    assert not (tmp_path / "D").exists()
+
+
+def test_help_still_works_and_says_what_count_counts(capsys):
+    for command, count in [("local", "total number of trials"), ("launch", "runs per agent")]:
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        assert count in " ".join(capsys.readouterr().out.split())
+
+
+def test_unknown_flags_and_commands_get_one_line(capsys):
+    assert main(["status", "D", "--bogus"]) == 2
+    assert one_line(capsys.readouterr().err) == "agent status: unrecognized arguments: --bogus\n"
+    with pytest.raises(SystemExit) as e:
+        main(["statuss", "D"])
+    assert e.value.code == 2 and "invalid choice: 'statuss'" in one_line(capsys.readouterr().err)
+
+
+@pytest.fixture
+def started(monkeypatch) -> dict:
+    """LocalSweep replaced: the keyword arguments `agent local` would start it with."""
+    seen = {}
+
+    class Started:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def run(self):
+            return 0
+
+    monkeypatch.setattr("agent.local.LocalSweep", Started)
+    return seen
+
+
+@pytest.mark.parametrize("spec, visible, gpus", [("all", ["2", "3"], ["2", "3"]), ("all", [], [None]),
+                                                 ("1, 3", [], ["1", "3"])])
+def test_gpus_is_parsed_as_launch_parses_it(tmp_path, capsys, monkeypatch, started, spec, visible, gpus):
+    monkeypatch.setattr("agent.launch.visible_gpus", lambda: visible)
+    assert main(["local", sweep_yaml(tmp_path), "--gpus", spec, "--dir", str(tmp_path / "D")]) == 0
+    assert started["gpus"] == gpus
+    assert ("no GPU visible" in capsys.readouterr().err) == (gpus == [None])
+
+
+def test_a_bad_gpu_list_is_refused_before_dir_exists(tmp_path, capsys, started):
+    assert main(["local", sweep_yaml(tmp_path), "--gpus", "0,x", "--dir", str(tmp_path / "D")]) == 2
+    assert "--gpus='0,x'" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "D").exists() and not started
+
+
+def real_db(path: Path) -> bytes:
+    """The bytes of a sweep.db of many pages, closed as a controller leaves it."""
+    store = Store(path)
+    store.create_sweep("s1", SWEEP)
+    for i in range(200):
+        store.add_trial(f"t{i}", {"x": {"value": i / 200}}, "c")
+        store.update(f"t{i}", state="finished", history=[1.0] * 40, metric=1.0)
+    store.db.close()
+    return path.read_bytes()
+
+
+def old_version_db(path: Path) -> bytes:
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA.replace("gpu TEXT", "slot TEXT"))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda p: p.write_bytes(b"not a database\n" * 100), "file is not a database"),
+    (lambda p: p.write_bytes((data := real_db(p))[:len(data) // 2]), "database disk image is malformed"),
+    (old_version_db, "its tables are not a sweep's"),
+])
+@pytest.mark.parametrize("command", ["status", "local", "report"])
+def test_a_damaged_sweep_db_is_named_in_one_line_and_left_as_it_is(tmp_path, capsys, started, damage, problem,
+                                                                   command):
+    folder = tmp_path / "D"
+    folder.mkdir()
+    damage(folder / "sweep.db")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    args = {"status": ["status", str(folder)], "report": ["report", str(folder)],
+            "local": ["local", sweep_yaml(tmp_path), "--dir", str(folder)]}[command]
+    assert main(args) == 2
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith(f"agent {command}: {folder / 'sweep.db'}: not a readable sweep database ({problem}")
+    assert err.endswith("; it was left as it is\n")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before and not started
+
+
+def test_status_of_a_sweep_db_without_a_sweep_says_so(tmp_path, capsys):
+    (tmp_path / "sweep.db").touch()  # a controller killed as it created it
+    assert main(["status", str(tmp_path)]) == 2
+    assert one_line(capsys.readouterr().err) == f"agent status: {tmp_path / 'sweep.db'}: holds no sweep yet\n"
+    assert (tmp_path / "sweep.db").read_bytes() == b""
+
+
+def test_a_controller_with_a_stale_heartbeat_is_reaped_and_its_live_trials_crash(tmp_path):
+    store = Store(tmp_path / "sweep.db")
+    now = time.time()  # both look alive: another host, a live pid; only the heartbeat tells them apart
+    store.db.executemany("INSERT INTO controllers VALUES (?, ?, ?, ?)", [
+        ("stale", "another-host", os.getpid(), now - 300), ("fresh", "another-host", os.getpid(), now)])
+    for trial_id, controller, state in [("a", "stale", "running"), ("b", "stale", "pending"),
+                                        ("c", "stale", "finished"), ("d", "fresh", "running")]:
+        store.add_trial(trial_id, {"x": {"value": 0.5}}, controller)
+        store.update(trial_id, state=state)
+    assert sorted(store.reap_dead_controllers()) == ["a", "b"]
+    assert {t.id: (t.state, t.reason) for t in store.trials()} == {
+        "a": ("crashed", "its controller died"), "b": ("crashed", "its controller died"),
+        "c": ("finished", None), "d": ("running", None)}
+    assert [r["id"] for r in store.db.execute("SELECT id FROM controllers")] == ["fresh"]
+
+
+def small_sweep(folder: Path) -> Store:
+    store = Store(folder / "sweep.db")
+    store.create_sweep("s1", SWEEP)
+    now = time.time()
+    rows = [("t1", 0.25, "finished", 0.5, None, 12.0), ("t2", 0.75, "failed", None, "exit code 1: [boom]", 3.0),
+            ("t3", 0.5, "pending", None, None, None)]
+    for trial_id, x, state, metric, reason, took in rows:
+        store.add_trial(trial_id, {"x": {"value": x}, "opt": {"value": "sgd"}}, "c")
+        store.update(trial_id, state=state, metric=metric, reason=reason, started=took and now - took,
+                     ended=took and now)
+    return store
+
+
+def test_status_table_has_a_row_per_trial_and_a_summary(tmp_path, capsys):
+    small_sweep(tmp_path)
+    assert main(["status", str(tmp_path)]) == 0
+    header, columns, *rows, summary = capsys.readouterr().out.splitlines()
+    assert header == f"sweep s1 (bayes) in {tmp_path}"
+    assert columns.split() == ["id", "state", "loss", "time", "x", "reason"]
+    assert [r.split() for r in rows] == [["t1", "finished", "0.5", "12s", "0.25"],
+                                         ["t2", "failed", "3s", "0.75", "exit", "code", "1:", "[boom]"],
+                                         ["t3", "pending", "0.5"]]
+    assert summary == "1 finished, 1 pending, 1 failed | best loss 0.5 (t1: x=0.25)"
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_live_view_prints_event_lines_whole_and_no_markup(tmp_path, monkeypatch, terminal):
+    buffer = io.StringIO()
+    monkeypatch.setattr(agent.status, "console", lambda: Console(file=buffer, force_terminal=terminal, width=80))
+    started_line = "t3 started: /usr/bin/env python train.py --x=0.5 --tags=[a,b] " + "--long=" + "y" * 250
+    with agent.status.SweepView("s1", SWEEP, tmp_path) as view:
+        view.update(small_sweep(tmp_path).trials())
+        view.event(started_line)
+        view.update([Trial(id="t4", params={"x": {"value": "[red]"}}, state="running", reason="[bold]why")])
+    out = buffer.getvalue()
+    assert f"{started_line}\n" in out  # not folded at the console's width, brackets as they are
+    assert "[/]" not in out and "[cyan]" not in out
+    if terminal:  # the table, styled, with its cells as they are
+        assert "\x1b[36mrunning" in out and "[red]" in out and "[bold]why" in out
+    else:
+        assert "\x1b[" not in out
+    assert out.splitlines()[-1].endswith("1 running")

@@ -1,0 +1,126 @@
+"""`agent validate` in process: each wrong sweep YAML gets its line, each runnable form of ours its config checks."""
+
+import pytest
+import yaml
+
+from agent.errors import UsageError
+from agent.run import make_config
+from agent.validate import validate
+from tests.helpers import REPO
+
+OURS = ["${env}", "${interpreter}", "-m", "agent", "run"]
+FIX = "use command: [${env}, ${interpreter}, -m, agent, run, ${args}]"
+
+
+def write_sweep(tmp_path, **changes):
+    """sweeps/bayes.yaml with top-level keys replaced (None: removed)."""
+    sweep = yaml.safe_load((REPO / "sweeps" / "bayes.yaml").read_text())
+    sweep.update(changes)
+    sweep = {key: value for key, value in sweep.items() if value is not None}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return str(path)
+
+
+def problems(tmp_path, capsys, **changes) -> tuple[int, list[str]]:
+    code = validate([write_sweep(tmp_path, **changes)])
+    return code, [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"parameters": {"learning_rate": {"values": [0.1]}}},
+     "parameters.learning_rate: not a config key; did you mean 'lr'?"),
+    ({"parameters": {"dropout": {"min": 0.0, "max": 1.0}}}, "parameters.dropout: dropout=1.0"),
+    ({"parameters": {"optimizer": {"values": ["adam", "lion"]}}}, "parameters.optimizer: optimizer='lion'"),
+    ({"parameters": {"batch_size": {"distribution": "int_uniform", "min": 0, "max": 64}}}, "batch_size=0"),
+    ({"parameters": {"lr": {"distribution": "uniform", "min": 0.0, "max": 0.1}}}, "parameters.lr: lr=0.0"),
+    ({"parameters": {"lr": 0.1}}, "parameters.lr: expected a mapping, e.g. {value: 0.1}"),
+    ({"parameters": ["lr"]}, "parameters: expected a mapping of names to specs, got list"),
+    ({"metric": {"name": "val_loss", "goal": "minimize"}}, "must equal the runs' monitor ('val_acc')"),
+    ({"metric": {"name": "val_acc", "goal": "minimize"}}, "metric.goal='minimize': val_acc must be maximized"),
+    ({"metric": {"name": "accuracy", "goal": "maximize"}}, "not a key the program logs"),
+    ({"metric": None}, "metric: method bayes and early_terminate need metric.name and metric.goal"),
+    ({"metric": None, "early_terminate": None}, "metric: method bayes needs metric.name and metric.goal"),
+    ({"metric": None, "method": "random"}, "metric: early_terminate needs metric.name and metric.goal"),
+    ({"method": "bayesian"}, "bayesian"),
+    ({"command": None}, f"command: missing, and no program for W&B's default `${{env}} ${{interpreter}} "
+                        f"${{program}} ${{args}}`; to run ours, {FIX}"),
+    ({"command": None, "program": "agent/run.py"}, "program: 'agent/run.py': not how our program starts"),
+    ({"command": None, "program": "-m agent run"}, "program: '-m agent run': not how our program starts"),
+    ({"command": ["${interpreter} -m agent run ${args}"]}, "W&B replaces a macro only as a whole item"),
+    ({"command": ["python", "-m agent run", "${args}"]}, "our program starts only as the items -m, agent, run"),
+    ({"command": [*OURS, "${arg}"]}, "command: ${arg}: not a macro W&B's agent knows (it passes nothing); "
+                                     "did you mean 'args'?"),
+    ({"command": ["${env}", "${interpreter}", "${program}", "${args}"]},
+     "command: ${program} is used but program: is not set"),
+    *[({"command": [*OURS, f"${{{macro}}}"]}, f"command: ${{{macro}}}: `agent run` cannot parse the flags it gives")
+      for macro in ("args_no_hyphens", "args_json", "args_json_file", "args_dict", "args_override_hydra")],
+])
+def test_validate_names_each_problem(tmp_path, capsys, changes, expected):
+    code, lines = problems(tmp_path, capsys, **changes)
+    assert code == 1 and any(expected in line for line in lines), lines
+
+
+@pytest.mark.parametrize("changes", [
+    {"command": ["python", "-m", "agent", "run", "${args}"]},
+    {"command": [*OURS, "${args_no_equals}"]},
+    {"command": [*OURS, "${args_no_boolean_flags}"]},
+    {"command": OURS},  # the sweep's values reach the run through W&B's config
+    {"command": [*OURS, "--data_dir=${envvar:CIFAR10_DATA_DIR}", "${args}"]},
+    {"command": ["${env}", "${interpreter}", "-m", "${program}", "run", "${args}"], "program": "agent"},
+    {"metric": None, "method": "random", "early_terminate": None},
+    {"metric": {"name": "val_loss", "goal": "minimize"}, "parameters": {"monitor": {"value": "val_loss"}}},
+])
+def test_runnable_forms_of_our_program_are_ok(tmp_path, capsys, changes):
+    assert problems(tmp_path, capsys, **changes) == (0, ["ok"])
+
+
+FORMS = {
+    "python -m agent run": {"command": ["python", "-m", "agent", "run", "${args}"]},
+    "args_no_equals": {"command": [*OURS, "${args_no_equals}"]},
+    "-m ${program} run": {"command": ["${env}", "${interpreter}", "-m", "${program}", "run", "${args}"],
+                          "program": "agent"},
+    "program agent/run.py": {"command": None, "program": "agent/run.py"},
+    "one item": {"command": ["${env} ${interpreter} -m agent run ${args}"]},
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("changes, expected", [
+    ({"metric": {"name": "accuracy", "goal": "maximize"}}, "metric.name='accuracy': not a key the program logs"),
+    ({"parameters": {"lr_rate": {"value": 0.1}}}, "parameters.lr_rate: not a config key; did you mean 'lr'?"),
+    ({"parameters": {"lr": {"value": -0.1}}}, "parameters.lr: lr=-0.1: Input should be greater than 0"),
+])
+def test_each_form_of_our_program_gets_the_config_checks(tmp_path, capsys, form, changes, expected):
+    code, lines = problems(tmp_path, capsys, **FORMS[form], **changes)
+    assert code == 1 and any(line.startswith(expected) for line in lines), lines
+
+
+def test_foreign_program_gets_only_the_wandb_checks(tmp_path, capsys):
+    path = tmp_path / "foreign.yaml"
+    path.write_text(yaml.safe_dump({"program": "train.py", "method": "bayes",
+                                    "metric": {"name": "loss", "goal": "minimize"},
+                                    "parameters": {"x": {"min": 0.0, "max": 1.0}}}))
+    assert validate([str(path)]) == 0, capsys.readouterr().out
+
+
+def test_unreadable_files_are_one_line_each_not_raised(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("method: [unclosed")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "empty.yaml").write_text("# nothing but a comment\n")
+    (tmp_path / "folder.yaml").mkdir()
+    names = ["bad.yaml", "binary.yaml", "empty.yaml", "folder.yaml", "missing.yaml"]
+    assert validate([str(tmp_path / name) for name in names]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"{tmp_path / name}: {problem}" for name, problem in zip(names, [
+        "not valid YAML (while parsing a flow sequence)",
+        "not UTF-8 text; expected a sweep YAML file",
+        "empty; expected sweep settings (method, metric, parameters, command)",
+        "a directory; expected a sweep YAML file",
+        "cannot read (No such file or directory)"])]
+
+
+def test_a_misspelt_key_gets_the_close_one_else_every_key():
+    with pytest.raises(UsageError, match=r"^unknown key 'batchsize'; did you mean 'batch_size'\?$"):
+        make_config({"batchsize": "64"})
+    with pytest.raises(UsageError, match=r"^unknown key 'colour'; allowed: data_dir, dataset, .*, project$"):
+        make_config({"colour": "red"})
