@@ -10,11 +10,22 @@
   best      the best trial: its run command, checkpoint, --evaluate, --export TorchScript
 """
 
-import argparse
-import math
+import os
 import sys
 
-from agent.errors import RunEndedEarly, UsageError
+if __name__ == "__main__" and sys.argv[1:2] == ["run"] and os.environ.get("AGENT_WARM_SOCKET"):
+    # A warm worker for this slot (agent local, agent launch): the trial starts in a process that has
+    # imported torch, Lightning and wandb already. This one imports only the standard library.
+    from agent.warm_client import run_warm
+
+    if (code := run_warm(sys.argv[2:])) is not None:
+        sys.exit(code)
+
+import argparse  # noqa: E402  (after the warm path, which must not pay for these)
+import atexit  # noqa: E402
+import math  # noqa: E402
+
+from agent.errors import RunEndedEarly, UsageError  # noqa: E402
 
 
 class Parser(argparse.ArgumentParser):
@@ -73,7 +84,8 @@ def local_command(args) -> int:
     store, sweep_id, sweep, root = open_sweep(args.sweep, args.dir, args.sweep_id)
     return LocalSweep(store=store, sweep_id=sweep_id, sweep=sweep, root=root, gpus=gpus, count=args.count,
                       retry_crashed=args.retry_crashed, max_consecutive_failures=args.max_consecutive_failures,
-                      grace=args.grace, view=SweepView(sweep_id, sweep, root), report=args.report).run()
+                      grace=args.grace, view=SweepView(sweep_id, sweep, root), report=args.report,
+                      warm=not args.cold).run()
 
 
 def status_command(args) -> int:
@@ -91,7 +103,8 @@ def create_command(args) -> int:
 def launch_command(args) -> int:
     from agent.launch import Launcher
 
-    launcher = Launcher(args.sweep_path, args.gpus, args.agents_per_gpu, args.count, args.stagger, args.max_restarts)
+    launcher = Launcher(args.sweep_path, args.gpus, args.agents_per_gpu, args.count, args.stagger, args.max_restarts,
+                        warm=not args.cold)
     return launcher.dry_run() if args.dry_run else launcher.run()
 
 
@@ -146,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rewrite DIR/report.html each time a trial ends (see `report`); its path is the last line")
     local.add_argument("--grace", type=seconds, default=60.0, metavar="SECONDS",
                        help="after SIGTERM, how long a stopped trial may take to save before SIGKILL (default 60)")
+    local.add_argument("--cold", action="store_true",
+                       help="start every trial as a fresh process that imports everything itself (default: a warm "
+                            "worker per slot forks each trial of our program, ready to train)")
 
     status = commands.add_parser("status", help="the trial table of a local sweep",
                                  description="Print the trials of a local sweep: id, state, metric, config.")
@@ -177,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--max-restarts", type=non_negative_int, default=3, metavar="N",
                         help="restarts of an agent that dies before giving up on it (default 3)")
     launch.add_argument("--dry-run", action="store_true", help="print each agent's command line; start nothing")
+    launch.add_argument("--cold", action="store_true",
+                        help="every run a fresh process that imports everything itself (default: a warm worker per "
+                             "agent forks each run of our program, ready to train)")
 
     report = commands.add_parser(
         "report", help="compare a sweep's trials",
@@ -219,4 +238,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if sys.argv[1:2] == ["run"]:
+        # The run is finished and flushed: run the exit hooks (wandb's among them), then skip the
+        # interpreter's teardown of torch and Lightning, which takes seconds and saves nothing.
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

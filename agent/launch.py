@@ -14,13 +14,16 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent.errors import SWEEP_PATH, UsageError
-from agent.validate import load_sweep, sweep_problems
+from agent.validate import load_sweep, runs_our_program, sweep_problems
 from agent.wandb_errors import find_sweep, wandb_api
+from agent.warm_client import READY_TIMEOUT, WarmWorker
 
 RUN_STARTED = re.compile(r"Agent Starting Run: (\w+)")
 BACKOFF_BASE, BACKOFF_MAX = 2.0, 60.0  # seconds before restarting a dead agent: base ** crashes, capped
@@ -82,6 +85,7 @@ class AgentSlot:
     crashes: int = 0
     restart_at: float = 0.0
     done: bool = False
+    worker: WarmWorker | None = None
 
     @property
     def name(self) -> str:
@@ -95,7 +99,7 @@ def agent_command(sweep_path: str, count: int | None) -> list[str]:
 
 class Launcher:
     def __init__(self, sweep_path: str, gpus: str, agents_per_gpu: int, count: int | None,
-                 stagger: float, max_restarts: int):
+                 stagger: float, max_restarts: int, warm: bool = True):
         if not SWEEP_PATH.fullmatch(sweep_path):
             raise UsageError(f"{sweep_path!r}: expected ENTITY/PROJECT/SWEEP_ID")
         if agents_per_gpu < 1:
@@ -108,11 +112,14 @@ class Launcher:
         self.forwarded = False  # whether the agents have been told
         self.relays: list[threading.Thread] = []
         self.lock = threading.Lock()
+        self.warm = warm  # a warm worker per agent, if the sweep runs our program (agent/warm.py)
 
     def env(self, slot: AgentSlot) -> dict:
         env = dict({"WANDB_AGENT_KILL_DELAY": KILL_DELAY}, **os.environ)
         if slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
+        if slot.worker is not None:  # the agent passes its environment on to each run it starts
+            env["AGENT_WARM_SOCKET"] = slot.worker.socket
         return env
 
     def dry_run(self) -> int:
@@ -140,20 +147,38 @@ class Launcher:
                 sys.stdout.write(f"[{slot.name}] {line}")
                 sys.stdout.flush()
 
-    def sweep_state(self) -> str:
-        """The sweep's state on W&B (RUNNING, PAUSED, FINISHED, ...), looked up once, before any agent
-        starts: an agent would find a missing key or sweep only after it started, and be restarted for it."""
+    def sweep_on_wandb(self) -> tuple[str, dict]:
+        """The sweep's state on W&B (RUNNING, PAUSED, FINISHED, ...) and config, looked up once, before any
+        agent starts: an agent would find a missing key or sweep only after it started, and be restarted for it."""
         needs_online = f"the agents ask the W&B server for runs, and the runs must report to it; {ONLINE}"
         with wandb_api(self.sweep_path, needs_online, entity=self.sweep_path.split("/")[0]) as api:
-            return str(find_sweep(api, self.sweep_path).state).upper()
+            sweep = find_sweep(api, self.sweep_path)
+            return str(sweep.state).upper(), dict(sweep.config or {})
+
+    def start_workers(self):
+        """A warm worker per agent, ready before the agent starts (its runs would otherwise start cold)."""
+        logs = Path(tempfile.mkdtemp(prefix="agent-launch-"))
+        for slot in self.slots:
+            slot.worker = WarmWorker(slot.name, self.env(slot), logs / f"warm-{slot.name}.log")
+        deadline = time.monotonic() + READY_TIMEOUT
+        while any(s.worker.ready() is None for s in self.slots) and time.monotonic() < deadline and not self.stopped_by:
+            self.pause(POLL_SECONDS)
+        for slot in self.slots:
+            if not slot.worker.ready():
+                print(f"launch: {slot.name}: no warm worker (see {logs}/warm-{slot.name}.log); its runs start cold",
+                      file=sys.stderr)
+                slot.worker.stop()
+                slot.worker = None
 
     def run(self) -> int:
-        state = self.sweep_state()
+        state, config = self.sweep_on_wandb()
         if state in OVER:  # not an error: a box that joins late finds the work done
             print(f"launch: sweep {self.sweep_path} is {state.lower()} on W&B; no agent started", file=sys.stderr)
             return 0
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if self.warm and runs_our_program(config):
+                self.start_workers()
             for i, slot in enumerate(self.slots):
                 if i:  # staggered: agents asking at once would be handed the same first config
                     self.pause(self.stagger)
@@ -164,6 +189,8 @@ class Launcher:
                 self.supervise()
                 self.pause(POLL_SECONDS)
         finally:
+            for worker in (s.worker for s in self.slots if s.worker is not None):
+                worker.stop()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return self.summary()

@@ -11,6 +11,7 @@ transaction log while it is written. State is in DIR/sweep.db (agent/store.py).
 import ctypes
 import json
 import os
+import select
 import signal
 import subprocess
 import time
@@ -26,6 +27,7 @@ from agent.runlog import RunLogReader, find_run_file
 from agent.status import SweepView
 from agent.store import LIVE, Store, Trial, is_number
 from agent.validate import DEFAULT_COMMAND, candidate_values, load_sweep, runs_our_program, sweep_problems, sweeps
+from agent.warm_client import READY_TIMEOUT, WarmWorker
 from cifar_core.config import TrainConfig
 from cifar_core.fetch import DatasetError, fetch_cifar10
 
@@ -113,11 +115,14 @@ class Running:
     reader: RunLogReader | None = None
     signalled_at: float | None = None
 
+    def __post_init__(self):
+        self.exited = os.pidfd_open(self.proc.pid)  # readable once the process has exited
+
 
 class LocalSweep:
     def __init__(self, *, store: Store, sweep_id: str, sweep: dict, root: Path, gpus: list[str | None],
                  count: int | None, retry_crashed: bool, max_consecutive_failures: int, grace: float,
-                 view: SweepView, report: bool):
+                 view: SweepView, report: bool, warm: bool):
         self.store, self.sweep_id, self.sweep, self.root = store, sweep_id, sweep, root.resolve()
         self.engine = engine_config(sweep)
         self.metric = (sweep.get("metric") or {}).get("name")
@@ -128,6 +133,9 @@ class LocalSweep:
         self.retry_crashed, self.max_failures, self.grace = retry_crashed, max_consecutive_failures, grace
         self.view = view
         self.report = report
+        # A warm worker per slot for our program (agent/warm.py); a foreign program always starts cold.
+        self.warm = warm and runs_our_program(sweep)
+        self.workers: list[WarmWorker | None] = [None] * len(gpus)
         self.report_path: Path | None = None
         self.controller = generate_id(12)
         self.procs: dict[str, Running] = {}
@@ -149,6 +157,7 @@ class LocalSweep:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             with self.view:
+                self.start_workers()
                 while True:
                     self.store.heartbeat(self.controller)
                     self.handle_signals()
@@ -159,11 +168,14 @@ class LocalSweep:
                     if not self.procs and (self.stopping or self.exhausted):
                         break
                     self.view.update(self.store.trials())
-                    time.sleep(POLL_SECONDS)
+                    # Wake as soon as a trial exits, so that the next one starts at once.
+                    select.select([r.exited for r in self.procs.values()], [], [], POLL_SECONDS)
                 self.view.update(self.store.trials())
             if self.report:  # the last line: where to look
                 self.view.event(f"report: {self.report_path or self.write_report()}")
         finally:
+            for worker in filter(None, self.workers):
+                worker.stop()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.store.unregister_controller(self.controller)
@@ -241,25 +253,13 @@ class LocalSweep:
         command = trial_command(self.sweep, trial.params, args_json_file)
         if "${args_json_file}" in (self.sweep.get("command") or []):
             args_json_file.write_text(json.dumps(trial.config))
-        # wandb-core writes the run log every 15 s by default: too late for hyperband decisions.
-        # W&B stages each logged model file in WANDB_DATA_DIR until a sync uploads it: keep a local
-        # sweep's copies with the sweep.
-        env = dict({"WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0.5", "WANDB_DATA_DIR": str(self.root / "wandb-data")},
-                   **os.environ)
-        env.update(WANDB_SWEEP_ID=self.sweep_id, WANDB_RUN_ID=trial.id, WANDB_MODE="offline",
-                   WANDB_SWEEP_PARAM_PATH=str(param_path), WANDB_DIR=str(self.root))
-        if self.sweep.get("project"):
-            env["WANDB_PROJECT"] = self.sweep["project"]
-        if len(self.gpus) > 1 and "OMP_NUM_THREADS" not in env:
-            # K CPU-bound trials each spawning a thread per core oversubscribe the machine
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.gpus)))
+        env = self.slot_env(slot)
+        env.update(WANDB_SWEEP_ID=self.sweep_id, WANDB_RUN_ID=trial.id, WANDB_SWEEP_PARAM_PATH=str(param_path))
+        if self.workers[slot] is not None:
+            env["AGENT_WARM_SOCKET"] = self.workers[slot].socket
         gpu = self.gpus[slot]
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-        log_dir = self.root / "logs"
-        log_dir.mkdir(exist_ok=True)
         try:
-            with (log_dir / f"{trial.id}.log").open("ab") as log:
+            with (self.root / "logs" / f"{trial.id}.log").open("ab") as log:
                 proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True,
                                         preexec_fn=_die_with_parent)
@@ -274,6 +274,43 @@ class LocalSweep:
         # a retried trial reuses its run id: its earlier attempt's log is not this attempt's
         self.earlier_logs[trial.id] = find_run_file(self.root, trial.id)
         self.view.event(f"{trial.id} started: {' '.join(command)}")
+
+    def slot_env(self, slot: int) -> dict:
+        """The environment of the slot's trials (and of its warm worker)."""
+        # wandb-core writes the run log every 15 s by default: too late for hyperband decisions.
+        # W&B stages each logged model file in WANDB_DATA_DIR until a sync uploads it: keep a local
+        # sweep's copies with the sweep.
+        env = dict({"WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0.5", "WANDB_DATA_DIR": str(self.root / "wandb-data")},
+                   **os.environ)
+        env.update(WANDB_MODE="offline", WANDB_DIR=str(self.root))
+        if self.sweep.get("project"):
+            env["WANDB_PROJECT"] = self.sweep["project"]
+        if len(self.gpus) > 1 and "OMP_NUM_THREADS" not in env:
+            # K CPU-bound trials each spawning a thread per core oversubscribe the machine
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.gpus)))
+        if self.gpus[slot] is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot]
+        return env
+
+    def start_workers(self):
+        """A warm worker per slot, ready before the first trial (a trial that found none would start cold)."""
+        (self.root / "logs").mkdir(exist_ok=True)
+        if not self.warm:
+            return
+        self.view.event(f"starting {len(self.gpus)} warm worker(s): torch, Lightning and wandb are imported "
+                        "once per slot, not once per trial")
+        self.workers = [WarmWorker(f"slot{i}", self.slot_env(i), self.root / "logs" / f"warm-slot{i}.log")
+                        for i in range(len(self.gpus))]
+        deadline = time.monotonic() + READY_TIMEOUT
+        while any(w.ready() is None for w in self.workers) and time.monotonic() < deadline \
+                and self.signals_received == 0:
+            select.select([], [], [], 0.05)
+        for i, worker in enumerate(self.workers):
+            if not worker.ready():
+                self.view.event(f"slot {i}: no warm worker (see {self.root}/logs/warm-slot{i}.log); its trials "
+                                "start cold")
+                worker.stop()
+                self.workers[i] = None
 
     def poll_trials(self):
         for trial_id, running in list(self.procs.items()):
@@ -301,7 +338,7 @@ class LocalSweep:
             self.store.update(trial_id, history=history, metric=float(history[-1]) if is_number(history[-1]) else None)
 
     def _finish(self, trial: Trial, code: int):
-        del self.procs[trial.id]
+        os.close(self.procs.pop(trial.id).exited)
         self.slot_trials[self.slot_trials.index(trial.id)] = None
         if self.interrupted:
             state, reason = "crashed", "interrupted"

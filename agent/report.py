@@ -30,10 +30,10 @@ from agent.plots import (importance, importance_chart, learning_curves, metric_o
 from agent.runlog import RunLogReader
 from agent.status import STATE_STYLE, best_trial, console, open_store, short, summary_line, swept, trial_table
 from agent.store import Trial, is_number
+from cifar_core.predictions import parse_caption
 from agent.wandb_errors import find_sweep, wandb_api
 
 IMAGE_NAME = re.compile(r"examples_(\d+)_[0-9a-f]+\.png")
-CAPTION = re.compile(r"Pred: (.*), Label: (.*)")
 WANDB_STATES = {"killed": "stopped", "preempted": "crashed", "preempting": "running", "pending": "pending"}
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1200px;
@@ -124,8 +124,8 @@ def _images_html(root: Path, best: Trial | None) -> str:
     step, images = found
     figures = []
     for path, caption in images:
-        match = CAPTION.fullmatch(caption)
-        wrong = " wrong" if match and match[1] != match[2] else ""
+        said = parse_caption(caption)
+        wrong = " wrong" if said and said[0] != said[1] else ""
         figures.append(f'<figure class="example{wrong}"><img alt="{html.escape(caption or path.name)}" '
                        f'src="{_data_uri(path.read_bytes())}"><figcaption>{html.escape(caption)}</figcaption></figure>')
     return f'<p class="meta">Trial {best.id}, step {step} (its last logged), {len(images)} validation images; ' \

@@ -72,6 +72,14 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
+def seconds_since_process_start() -> float:
+    """From the start of this process (Python's own start-up and the imports included), by Linux's clock."""
+    with open("/proc/self/stat") as f:
+        started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0]) - started
+
+
 def fetch_data(config: TrainConfig) -> None:
     """CIFAR-10 in place (fetched once per box), or one line saying where it was looked for."""
     from cifar_core.fetch import DatasetError, fetch_cifar10  # the standard library only: no torch
@@ -90,10 +98,12 @@ def run(argv: list[str]) -> dict:
         fetch_data(config)
         import wandb
 
+        started_init = seconds_since_process_start()
         # resume="allow": a requeued (preempted) sweep run comes back under its own id and continues.
         # stop_fn: W&B's stop reaches the run as a request, not as a KeyboardInterrupt mid-step.
         run = wandb.init(project=os.environ.get("WANDB_PROJECT") or config.project, config=config.model_dump(),
                          job_type="train", resume="allow", settings=wandb.Settings(stop_fn=requests.wandb_stop))
+        initialized = seconds_since_process_start()
         try:
             # Under a sweep the run's config holds the sweep's values; validate what will train.
             config = make_config(dict(run.config))
@@ -103,6 +113,10 @@ def run(argv: list[str]) -> dict:
             raise
         from cifar_core.data import DatasetError
         from cifar_core.train import Preempted, train  # torch and lightning load only for valid input
+        # Where a trial's time goes, beside its metrics (train() adds setup, fit, test and logging):
+        # start-up is this process's start to training's, imports and wandb.init included.
+        run.summary.update({"trial/startup_s": seconds_since_process_start(),
+                            "trial/wandb_init_s": initialized - started_init})
 
         try:
             result = train(config, requests=requests)

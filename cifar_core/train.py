@@ -14,6 +14,7 @@ Preempted is raised, so that the run exits non-zero and W&B requeues it.
 
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,14 +24,17 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cifar_core.callbacks import ImagePredictionLogger
 from cifar_core.checkpoints import (BEST, BestModel, EndFitOnRequest, checkpoint_dir, find_resume_checkpoint, git_commit,
                                     log_resume_artifact)
 from cifar_core.config import TrainConfig
 from cifar_core.data import CIFAR10DataModule
 from cifar_core.evaluate import evaluate
+from cifar_core.predictions import log_predictions
 from cifar_core.stopping import EXIT_CODES, PREEMPT, StopRequests
 from cifar_core.system import ImageClassifier
+
+
+EXAMPLES = 32  # validation images logged with the best model's predictions, as the seed logged them
 
 
 class Preempted(Exception):
@@ -73,7 +77,17 @@ def train(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), requests: 
     return result
 
 
+class FitClock(pl.Callback):
+    """When training could begin (data, model and Trainer ready)."""
+
+    started: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        self.started = time.perf_counter()
+
+
 def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], requests: StopRequests) -> dict:
+    began = time.perf_counter()
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
     system = build_system(config, num_classes=len(datamodule.classes))
@@ -81,15 +95,16 @@ def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], req
     best = BestModel(run, ckpt_dir / BEST, config.monitor, config.monitor_mode,
                      {"monitor": config.monitor, "config": config.model_dump(), "git_commit": git_commit()})
     # The full state each epoch, for a resume after a kill; the best weights are BestModel's.
-    last = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True)
+    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
     early_stopping = EarlyStopping(monitor=config.monitor, mode=config.monitor_mode,
                                    patience=config.early_stopping_patience)
+    clock = FitClock()
     trainer = pl.Trainer(
         max_epochs=config.max_epochs,
         limit_train_batches=config.train_batches,
         logger=WandbLogger(experiment=run),
-        callbacks=[early_stopping, best, last, ImagePredictionLogger(),
-                   EndFitOnRequest(requests, ckpt_dir / "preempt.ckpt"), *callbacks],
+        callbacks=[early_stopping, best, last, clock, EndFitOnRequest(requests, ckpt_dir / "preempt.ckpt"),
+                   *callbacks],
         accelerator="auto",
         devices=1,
         precision=config.precision,
@@ -107,14 +122,23 @@ def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], req
             log_resume_artifact(run, ckpt_dir / "preempt.ckpt")
             run.mark_preempting()
             raise Preempted(f"preempted at epoch {trainer.current_epoch}; state saved") from None
+    fitted = time.perf_counter()
     if best.weights is None:  # ended before the first validation: the current weights are all there is
         best.weights = {k: v.detach().to("cpu", copy=True) for k, v in system.net.state_dict().items()}
         best.epoch = trainer.current_epoch
     system.net.load_state_dict(best.weights)
-    test = evaluate(system.net.to(trainer.strategy.root_device), *datamodule.test_set)
+    test = evaluate(system.net, *datamodule.test_set, num_classes=len(datamodule.classes),
+                    channels_last=config.channels_last)
     test.pop("per_class_acc")
     trainer.logger.log_metrics(test, step=trainer.global_step)
+    tested = time.perf_counter()
+    log_predictions(trainer.logger, system.net, *(t[:EXAMPLES] for t in datamodule.val_set), datamodule.classes,
+                    trainer.global_step, config.channels_last)
     best.save_and_log(system.network, **test)
+    # Where a trial's time goes, beside its metrics (agent/run.py adds its start-up).
+    run.summary.update({"trial/setup_s": (clock.started or fitted) - began,
+                        "trial/fit_s": fitted - (clock.started or fitted), "trial/test_s": tested - fitted,
+                        "trial/logging_s": time.perf_counter() - tested})
     return {
         "run_id": run.id,
         "test_acc": test["test_acc"],

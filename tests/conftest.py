@@ -1,11 +1,15 @@
 """Shared fixtures: tiny CIFAR-10 data in the official python format, offline W&B."""
 
 import pickle
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.fake_wandb import KEY, FakeWandb, isolated
+from agent.warm_client import WarmWorker
+from tests.helpers import fresh_env, wait_for
 from tests.helpers import offline_env as offline_env_under
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -43,3 +47,24 @@ def offline_env(tmp_path, monkeypatch) -> dict:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
+
+
+@pytest.fixture
+def fake_wandb(tmp_path, mocker):
+    """A FakeWandb holding RUNNING sweep ent/proj/* (sweeps/bayes.yaml); W&B pointed at it with a key."""
+    server = FakeWandb()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    isolated(tmp_path, mocker, WANDB_API_KEY=KEY, WANDB_BASE_URL=server.url)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def warm_worker(tmp_path_factory):
+    """One warm worker (agent/warm.py) for the session, as `agent local` and `agent launch` start one per slot."""
+    root = tmp_path_factory.mktemp("warm-worker")
+    worker = WarmWorker("tests", fresh_env(root), root / "worker.log")
+    wait_for(worker.ready, "the warm worker", timeout=300, proc=worker.proc)
+    yield worker
+    worker.stop()

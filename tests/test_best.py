@@ -52,7 +52,8 @@ def sweep(tmp_path_factory):
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     trials = Store(root / "D" / "sweep.db").trials()
-    assert [t.state for t in trials] == ["finished"] * 2 and all(t.metric is not None for t in trials)
+    assert [t.state for t in trials] == ["finished"] * 2 and all(t.metric is not None for t in trials), \
+        [(t.id, t.state, t.reason) for t in trials]
     top = max(t.metric for t in trials)
     winner = next(t for t in trials if t.metric == top)  # ties: the first, as `agent status` shows
     [run_dir] = (root / "D" / "wandb").glob(f"offline-run-*-{winner.id}")
@@ -103,9 +104,6 @@ def test_cli_prints_the_same(sweep, tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"trial {sweep.trial.id} " in out.stdout and "python -m agent run --" in out.stdout
-    bad = subprocess.run(agent_command("best", str(tmp_path / "nowhere")), cwd=tmp_path, env=sweep.env,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nowhere" in bad.stderr
 
 
 def test_evaluate_reproduces_the_logged_test_accuracy_with_a_per_class_table(sweep, capsys):

@@ -4,6 +4,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from cifar_core.data import CLASSES
+from cifar_core.predictions import parse_caption
 from tests.helpers import agent_command, leet_records, leet_summary
 
 
@@ -25,11 +27,11 @@ def test_agent_run_logs_config_metrics_images_and_best_model(cifar_dir, offline_
     records = leet_records(run_dir)
     rows = [r["history"]["item"] for r in records if r["type"] == "history"]
     assert [row["epoch"] for row in rows if "val_acc" in row] == [0, 1]
-    images = [row for row in rows if "examples.captions" in row]
-    assert len(images) == 2  # one set per validation epoch, none for the sanity check
-    captions = images[-1]["examples.captions"]
-    assert len(captions) == 20 and all(c.startswith("Pred: ") and ", Label: " in c for c in captions)
-    assert all((run_dir / "files" / f).is_file() for f in images[-1]["examples.filenames"])
+    [images] = [row for row in rows if "examples.captions" in row]  # once, with the best model's predictions
+    captions = images["examples.captions"]
+    assert len(captions) == 20 and all(parse_caption(c)[1] in CLASSES for c in captions)
+    assert all((run_dir / "files" / f).is_file() for f in images["examples.filenames"])
+    assert summary["summary"]["trial/fit_s"] > 0 and summary["summary"]["trial/test_s"] > 0
 
     models = [r["artifact"] for r in records if r["type"] == "artifact"]
     assert models and all(a["type"] == "model" and a["name"] == f"model-{summary['run_id']}" and

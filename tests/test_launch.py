@@ -4,7 +4,7 @@ The launcher's agents are real processes: `agent.launch.agent_command` is swappe
 for a small Python script that behaves like `wandb agent` as far as the launcher
 can tell (prints `Agent Starting Run: ...`, exits, crashes, traps signals).
 W&B's own code answers create's and launch's checks, talking to a local stand-in for
-W&B's server (FakeWandb, tests/test_wandb_errors.py, where W&B's errors are tested);
+W&B's server (FakeWandb, tests/fake_wandb.py; W&B's errors are tested in tests/test_wandb_errors.py);
 the invalid-YAML path must fail before W&B is even imported.
 """
 
@@ -21,7 +21,6 @@ import yaml
 import agent.launch as launch
 from agent.__main__ import main
 from tests.helpers import REPO, wait_for
-from tests.test_wandb_errors import fake_wandb  # noqa: F401 (a fixture)
 
 # wandb.sweep's own code reads a deprecated setting; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Read the `app_url` setting:DeprecationWarning")
@@ -48,7 +47,7 @@ def no_inherited_gpus(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def wandb_server(fake_wandb):  # noqa: F811
+def wandb_server(fake_wandb):
     """W&B, with a key, at a local server that holds every sweep asked for, RUNNING."""
     return fake_wandb
 
@@ -62,7 +61,8 @@ def fake_agent(monkeypatch, tmp_path: Path, body: str) -> Path:
 
 
 def launch_args(*extra: str) -> list[str]:
-    return ["launch", SWEEP, "--stagger", "0", *extra]
+    """--cold: these agents are fakes that run nothing, so no warm worker is needed (test_warm.py has one)."""
+    return ["launch", SWEEP, "--stagger", "0", "--cold", *extra]
 
 
 # --- GPU slots -----------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_signal_to_launcher_reaches_every_agent(signum, received, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
         proc = subprocess.Popen([sys.executable, str(wrapper), "launch", "e/p/abc123", "--gpus", "0,1",
-                                 "--stagger", "0"], cwd=tmp_path, env=env, stdout=out, stderr=err)
+                                 "--stagger", "0", "--cold"], cwd=tmp_path, env=env, stdout=out, stderr=err)
         try:
             wait_for(lambda: (tmp_path / "started-0").exists() and (tmp_path / "started-1").exists(),
                      "both agents to start", timeout=30, proc=proc)

@@ -16,7 +16,6 @@ from agent.plots import importance, importance_chart
 from agent.report import learning_curves, report, write_report
 from agent.store import Store, Trial
 from tests.helpers import REPO, agent_command, fresh_env
-from tests.test_wandb_errors import fake_wandb  # noqa: F401 (a fixture)
 
 FOREIGN = REPO / "tests" / "programs" / "foreign_train.py"
 PLOTS = ["metric_over_trials", "parallel_coordinates", "importance", "learning_curves"]

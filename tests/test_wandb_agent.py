@@ -1,4 +1,5 @@
-"""Stops and preemptions as W&B's own program-based agent delivers them to `python -m agent run`.
+"""Stops and preemptions as W&B's own program-based agent delivers them to `python -m agent run`,
+warm (through a warm worker, as `agent launch` sets up) and cold.
 
 The agent is W&B's `wandb agent --forward-signals` with only its server calls replaced
 (tests/programs/wandb_agent_offline.py): the test plays the server, handing out `run`, `stop`,
@@ -63,20 +64,22 @@ AGENT = [sys.executable, str(PROGRAMS / "wandb_agent_offline.py")]
 # `agent launch` as its CLI runs it, with each of its agents W&B's agent driven by the test.
 LAUNCHER = """\
 import sys
+import yaml
 import agent.launch
 agent.launch.agent_command = lambda sweep_path, count: {agent!r} + [{control!r}, "--forward-signals", sweep_path]
-agent.launch.Launcher.sweep_state = lambda self: "RUNNING"  # no W&B server: tests/test_wandb_errors.py checks it
+# No W&B server here to ask for the sweep (tests/test_wandb_errors.py checks that part).
+agent.launch.Launcher.sweep_on_wandb = lambda self: ("RUNNING", yaml.safe_load(open({control!r} + "/sweep.yaml")))
 from agent.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def start(tmp_path, command: list[str]) -> tuple[Server, subprocess.Popen]:
+def start(tmp_path, command: list[str], **env: str) -> tuple[Server, subprocess.Popen]:
     control = tmp_path / "control"
     control.mkdir()
     sweep = yaml.safe_load((REPO / "sweeps" / "bayes.yaml").read_text())
     (control / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    env = fresh_env(tmp_path, WANDB_API_KEY="x" * 40, WANDB_BASE_URL="https://api.wandb.test")
+    env = fresh_env(tmp_path, WANDB_API_KEY="x" * 40, WANDB_BASE_URL="https://api.wandb.test", **env)
     command = [part.format(control=control) for part in command]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -84,8 +87,10 @@ def start(tmp_path, command: list[str]) -> tuple[Server, subprocess.Popen]:
 
 
 @pytest.fixture
-def agent(tmp_path):
-    server, proc = start(tmp_path, [*AGENT, "{control}", "--forward-signals", "ent/proj/sweep1"])
+def agent(tmp_path, warm_worker):
+    """W&B's agent, its runs going through a warm worker (as `agent launch` sets up one per agent)."""
+    server, proc = start(tmp_path, [*AGENT, "{control}", "--forward-signals", "ent/proj/sweep1"],
+                         AGENT_WARM_SOCKET=warm_worker.socket)
     yield server, proc
     if proc.poll() is None:
         proc.kill()
@@ -148,6 +153,23 @@ def test_stops_finish_runs_with_their_best_model_and_preemption_requeues_them(ag
     assert proc.wait(timeout=60) == 0
     counts = json.loads((server.control / "agent.json").read_text())
     assert counts == {"failed": 1, "finished": 5}  # the one failure is the preemption, as W&B needs it
+
+
+def test_a_stop_through_the_agent_finishes_a_cold_run_too(tmp_path):
+    server, proc = start(tmp_path, [*AGENT, "{control}", "--forward-signals", "ent/proj/sweep1"])
+    try:
+        server.run("cold1")
+        wait_for(lambda: server.val_epochs("cold1"), "cold1's first validation", proc=proc)
+        server.send({"type": "stop", "run_id": "cold1"})
+        wait_for(lambda: server.handed_out() and not server.running("cold1"), "the agent to reap cold1", proc=proc)
+        server.send({"type": "exit"})
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    records, code = run_record(tmp_path, "cold1")
+    assert code == 0 and not records_of(records, "preempting")
+    assert json.loads((server.control / "agent.json").read_text()) == {"failed": 0, "finished": 1}
 
 
 def test_launch_on_sigterm_preempts_its_runs_so_that_wandb_requeues_them(tmp_path):
