@@ -7,10 +7,12 @@ line that trains it again; and its best checkpoint (locally the file its run log
 `model-<id>` artifact; on W&B the `model-<id>:best` artifact, downloaded).
 
   --evaluate     load the checkpoint (weights only: no pickled code runs) and score it on the test
-                 split the trial used: test accuracy, beside the one the trial logged, per class.
+                 split the trial used, as its own test pass did (same function, same test-time
+                 augmentation): test accuracy, beside the one the trial logged, per class.
   --export PATH  write a TorchScript model that needs only torch: forward(x) takes float images in
-                 [0, 1], N x 3 x 32 x 32 (torchvision's ToTensor), normalises inside, returns logits;
-                 predict(x) -> class indices; class names in `class_names` and class_names.json.
+                 [0, 1], N x 3 x 32 x 32 (torchvision's ToTensor), normalises inside and averages over
+                 the trial's test-time augmentation (its `tta`), returns logits; predict(x) -> class
+                 indices; class names in `class_names` and class_names.json.
 
     python -m agent best sweeps-local/SWEEP_ID --evaluate --export best.pt
     model = torch.jit.load("best.pt"); model.class_names[model.predict(x)[0]]
@@ -191,7 +193,8 @@ def load_test_split(best: Best) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 class Exported(nn.Module):
-    """What --export saves: float images in [0, 1] in, logits out; normalisation and class names inside."""
+    """What --export saves: float images in [0, 1] in, logits out; normalisation, the trial's test-time
+    augmentation (cifar_core.evaluate.TTA, as its test pass used it) and class names inside."""
 
     class_names: List[str]
 
@@ -209,6 +212,7 @@ class Exported(nn.Module):
 
 def export_torchscript(net: nn.Module, class_names, path: str, best: Best) -> None:
     from cifar_core.data import MEAN, STD
+    from cifar_core.evaluate import TTA
 
     with warnings.catch_warnings():  # torch.jit is deprecated for torch.export, which plain torch.load cannot load
         warnings.simplefilter("ignore")
@@ -216,7 +220,7 @@ def export_torchscript(net: nn.Module, class_names, path: str, best: Best) -> No
             inner = torch.jit.script(net)
         except Exception:  # e.g. resnet9's Residual calls super().forward
             inner = torch.jit.trace(net, torch.zeros(2, 3, 32, 32))
-        module = torch.jit.script(Exported(inner, list(class_names), MEAN, STD))
+        module = torch.jit.script(Exported(TTA(inner, best.config.tta), list(class_names), MEAN, STD))
         extra = {"class_names.json": json.dumps(list(class_names)),
                  "trial.json": json.dumps({"id": best.id, best.metric_name or "metric": best.metric,
                                            "config": best.config.model_dump()})}
@@ -247,9 +251,9 @@ def best(target: str, evaluate: bool = False, export: str | None = None) -> int:
     net, names = load_net(found.checkpoint), class_names(found)
     if evaluate:
         images, labels, described = load_test_split(found)
-        from cifar_core.evaluate import evaluate as score
+        from cifar_core.evaluate import evaluate as score, inference
 
-        result = score(net, images, labels, num_classes=len(names))
+        result = score(net, images, labels, num_classes=len(names), **inference(found.config))
         logged = "" if found.logged_test_acc is None else f" (logged by the trial: {found.logged_test_acc:.4f})"
         print(f"test_acc: {result['test_acc']:.4f}{logged} on {len(labels)} images, {described}")
         table = Table(box=None, header_style="bold")
@@ -261,6 +265,6 @@ def best(target: str, evaluate: bool = False, export: str | None = None) -> int:
         console().print(table)
     if export:
         export_torchscript(net, names, export, found)
-        print(f"exported: {export} (TorchScript; forward(x): float N x 3 x 32 x 32 in [0, 1] -> logits; "
-              f"predict(x) -> class indices; class_names)")
+        print(f"exported: {export} (TorchScript; forward(x): float N x 3 x 32 x 32 in [0, 1] -> logits, "
+              f"test-time augmentation level {found.config.tta}; predict(x) -> class indices; class_names)")
     return 0

@@ -2,13 +2,17 @@
 
 Field names are the sweep parameter names (`parameters:` in sweeps/*.yaml) and
 the `--key=value` flags of `python -m agent run`. Defaults are the seed
-tutorial's (Adam, lr 2e-4, batch 32, 45,000/5,000 split, 2 epochs).
+tutorial's (Adam, lr 2e-4, batch 32, 45,000/5,000 split, 2 epochs). The fields of
+the speed record's techniques (model airnet, sgd_scaled, triangle, lookahead,
+flip, translate, tta) default to off where they would change another preset, and
+to the record's values where they only shape airnet; bench/speed.py and
+sweeps/{cpu,gpu}-fast.yaml hold the presets.
 """
 
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Keys the program logs once per epoch (validation) or once per run (test);
 # train_loss/train_acc are logged per step and per epoch as *_step/*_epoch.
@@ -33,29 +37,45 @@ class TrainConfig(BaseModel):
     dataset: Literal["cifar10", "synthetic"] = "cifar10"  # synthetic: no files, for smoke runs
     val_fraction: float = Field(0.1, gt=0, lt=1)  # 0.1 of 50,000 = the seed's 5,000
     augment: bool = False  # random crop (pad 4) + horizontal flip; the seed had none
+    flip: Literal["none", "random", "alternating"] = "none"  # alternating: each image both ways every 2 epochs
+    translate: int = Field(0, ge=0, le=8)  # pixels each way, reflect padding (the record: 2)
     num_workers: int = Field(0, ge=0)  # data lives in memory as tensors: workers rarely help
 
     # model
-    model: Literal["seed_cnn", "resnet9"] = "seed_cnn"  # resnet9: the fast residual net with batch norm
-    width: int = Field(64, ge=4)  # resnet9's first-stage channels (64: the original; 16: CPU)
+    # resnet9: the fast residual net with batch norm; airnet: the speed record's net (cifar_core/model.py)
+    model: Literal["seed_cnn", "resnet9", "airnet"] = "seed_cnn"
+    width: int = Field(64, ge=4)  # first-stage channels of resnet9 and airnet (64: the originals; 16: a CPU)
+    width_mult: int = Field(4, ge=1)  # airnet: its later stages are width * width_mult wide
+    activation: Literal["gelu", "relu"] = "gelu"  # airnet; relu is as good and faster on a CPU
+    bn_momentum: float = Field(0.4, gt=0, lt=1)  # airnet's batch norm (PyTorch's convention: the new batch's weight)
+    whiten: bool = True  # airnet: its first layer set from the data's patch statistics and frozen
+    whiten_bias_epochs: float = Field(3.0, ge=0)  # airnet: epochs the whitening layer's bias is trained
     dropout: float = Field(0.0, ge=0, lt=1)  # before each hidden fc layer; the seed had none
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"  # Lightning's; mixed pays on GPUs
     channels_last: bool = False  # NHWC memory layout: faster convolutions on tensor cores
     compile: bool = False  # torch.compile the network: slower start, faster steps
 
     # optimisation
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    # sgd_scaled: Nesterov SGD in the record's units: lr and weight_decay per 1024 examples and
+    # independent of momentum (the record: lr 11.5, weight_decay 0.0153, momentum 0.85)
+    optimizer: Literal["adam", "adamw", "sgd", "sgd_scaled"] = "adam"
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
-    nesterov: bool = False  # sgd only
-    schedule: Literal["constant", "onecycle", "warmup_cosine"] = "constant"  # lr over the run's steps
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd and sgd_scaled
+    nesterov: bool = False  # sgd (sgd_scaled always is)
+    bias_lr_scale: float = Field(64.0, gt=0)  # sgd_scaled: how much faster batch-norm biases learn
+    # lr over the run's steps; triangle: the record's, 0.2 -> 1 at 23% -> 0.07 of lr
+    schedule: Literal["constant", "onecycle", "warmup_cosine", "triangle"] = "constant"
+    lookahead: bool = False  # the record's average of the weights, pulled back into them every 5 steps
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     batch_size: int = Field(32, ge=1)
     max_epochs: int = Field(2, ge=1)
     # <= 1: a fraction of the epoch; > 1: a number of batches. Not int-vs-float as in Lightning:
     # W&B's config round trip turns 1.0 into 1, which Lightning would read as one batch.
     limit_train_batches: float = Field(1.0, gt=0)
+
+    # evaluation
+    tta: int = Field(0, ge=0, le=2)  # test-time augmentation of the test pass: 1 + mirror, 2 + two shifted copies
 
     # selection
     monitor: Literal["val_acc", "val_loss"] = "val_acc"  # early stopping + best checkpoint
@@ -76,6 +96,12 @@ class TrainConfig(BaseModel):
         if v > 1 and v != int(v):
             raise ValueError("must be a fraction in (0, 1] or a whole number of batches")
         return v
+
+    @model_validator(mode="after")
+    def _one_augmentation(self):
+        if self.augment and (self.flip != "none" or self.translate):
+            raise ValueError("augment (crop and random flip) and flip/translate are two augmentations: choose one")
+        return self
 
     @property
     def train_batches(self) -> int | float:

@@ -161,10 +161,29 @@ def augment_batch(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     return padded.gather(2, rows).gather(3, cols)
 
 
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices past either edge, mirrored back inside (the edge pixel itself not repeated)."""
+    return (n - 1) - ((n - 1) - i.abs()).abs()
+
+
+def translate_flip_batch(x: torch.Tensor, shift: int, flip: torch.Tensor | None) -> torch.Tensor:
+    """Each image moved by up to `shift` pixels each way (reflect padding), then mirrored where `flip`
+    (a bool per image) says: two gathers on uint8, as augment_batch, without a padded copy."""
+    n, c, h, w = x.shape
+    rows = torch.arange(h, device=x.device).expand(n, h)
+    cols = torch.arange(w, device=x.device).expand(n, w)
+    if shift:
+        rows = _reflect(rows + torch.randint(-shift, shift + 1, (n, 1), device=x.device), h)
+        cols = _reflect(cols + torch.randint(-shift, shift + 1, (n, 1), device=x.device), w)
+    if flip is not None:
+        cols = torch.where(flip.view(n, 1), cols.flip(-1), cols)
+    return x.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w)).gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
+
+
 class TensorBatches:
-    """Batches of in-memory tensors: one shuffled index per epoch, then a slice + gather per
-    batch. A DataLoader over the same tensors spends most of its time turning index lists into
-    tensors (bench/speed.py)."""
+    """Batches of in-memory tensors, each with its images' places in the split (alternating flips need
+    them): one shuffled index per epoch, then a slice + gather per batch. A DataLoader over the same
+    tensors spends most of its time turning index lists into tensors (bench/speed.py)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool):
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
@@ -174,13 +193,11 @@ class TensorBatches:
 
     def __iter__(self):
         n = len(self.labels)
-        order = torch.randperm(n, device=self.images.device) if self.shuffle else None
+        order = torch.randperm(n, device=self.images.device) if self.shuffle else \
+            torch.arange(n, device=self.images.device)
         for start in range(0, n, self.batch_size):
-            if order is None:
-                yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
-            else:
-                index = order[start:start + self.batch_size]
-                yield self.images[index], self.labels[index]
+            index = order[start:start + self.batch_size]
+            yield self.images[index], self.labels[index], index
 
 
 def _batched_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
@@ -188,21 +205,26 @@ def _batched_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
     if num_workers == 0 or images.is_cuda:  # GPU tensors are gathered in place: no workers
         return TensorBatches(images, labels, batch_size, shuffle)
     # Workers each gather whole batches (TensorDataset takes a list of indices), no collate.
-    dataset = TensorDataset(images, labels)
+    dataset = TensorDataset(images, labels, torch.arange(len(labels)))
     sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
     return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False),
                       batch_size=None, num_workers=num_workers)
 
 
 class CIFAR10DataModule(pl.LightningDataModule):
+    """augment: random crop (pad 4, black) and random flip. Else `translate` (pixels, reflect padding)
+    and `flip`: random, or alternating (each image flipped at random in the first epoch, then the
+    other way round in each next one, so two epochs see both sides of every image)."""
+
     def __init__(self, data_dir: str = "data", dataset: str = "cifar10", batch_size: int = 32,
-                 val_fraction: float = 0.1, augment: bool = False, num_workers: int = 0, seed: int = 0):
+                 val_fraction: float = 0.1, augment: bool = False, flip: str = "none", translate: int = 0,
+                 num_workers: int = 0, seed: int = 0):
         super().__init__()
         self.data_dir = Path(data_dir)
         self.dataset = dataset
         self.batch_size = batch_size
         self.val_fraction = val_fraction
-        self.augment = augment
+        self.augment, self.flip, self.translate = augment, flip, translate
         self.num_workers = num_workers
         self.seed = seed
         self.classes = CLASSES
@@ -228,13 +250,16 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if not 0 < n_val < len(train_full[0]):
             raise DatasetError(f"val_fraction={self.val_fraction} leaves no train or no val images "
                                f"out of {len(train_full[0])}")
-        order = torch.randperm(len(train_full[0]), generator=torch.Generator().manual_seed(self.seed))
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(train_full[0]), generator=generator)
         self.train_set = tuple(t[order[n_val:]] for t in train_full)
         self.val_set = tuple(t[order[:n_val]] for t in train_full)
+        self.first_flips = torch.rand(len(order) - n_val, generator=generator) < 0.5  # alternating flips' start
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         if device.type == "cuda":  # 180 MB of uint8: the whole set lives on the GPU, batches never cross PCIe
             self.train_set, self.val_set, self.test_set = (
                 tuple(t.to(device) for t in split) for split in (self.train_set, self.val_set, self.test_set))
+            self.first_flips = self.first_flips.to(device)
 
     def train_dataloader(self):
         return _batched_loader(*self.train_set, self.batch_size, True, self.num_workers)
@@ -246,7 +271,15 @@ class CIFAR10DataModule(pl.LightningDataModule):
         return _batched_loader(*self.test_set, self.batch_size, False, self.num_workers)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels = batch
-        if self.augment and self.trainer is not None and self.trainer.training:
-            images = augment_batch(images)  # on uint8: a quarter of the bytes; pads black, as torchvision does
+        images, labels, index = batch
+        if self.trainer is not None and self.trainer.training:  # on uint8: a quarter of the bytes
+            if self.augment:
+                images = augment_batch(images)
+            elif self.flip != "none" or self.translate:
+                flip = None
+                if self.flip == "random":
+                    flip = torch.rand(len(index), device=images.device) < 0.5
+                elif self.flip == "alternating":
+                    flip = self.first_flips[index.to(self.first_flips.device)] ^ bool(self.trainer.current_epoch % 2)
+                images = translate_flip_batch(images, self.translate, flip)
         return normalize(images), labels

@@ -1,36 +1,70 @@
 """The one inference path: uint8 images in, logits out, and the test pass built on it.
 
-`predict` normalises as training does, uses the net's memory format, runs in eval mode and in
-batches. A run's test metrics, its prediction images and `agent best --evaluate` all go through
-it. It runs outside Lightning's loops, so a stop arriving meanwhile cannot abort it: a stopped
-trial still reports and logs its best model.
+`predict` normalises as training does, uses the net's memory format and precision, runs in eval
+mode and in batches, and averages over test-time augmentations (`TTA`). A run's test metrics,
+its prediction images, `agent best --evaluate` and the exported TorchScript model (which scripts
+the same `TTA` module) all go through it. It runs outside Lightning's loops, so a stop arriving
+meanwhile cannot abort it: a stopped trial still reports and logs its best model.
 """
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cifar_core.config import TrainConfig
 from cifar_core.data import normalize
 
 
+def inference(config: TrainConfig) -> dict:
+    """How a trained net of this config runs: predict's options (memory format, TTA, precision)."""
+    return {"channels_last": config.channels_last, "tta": config.tta, "bf16": config.precision == "bf16-mixed"}
+
+
+class TTA(nn.Module):
+    """Test-time augmentation around a net, on normalised images. level 0: the net alone; 1: the mean of
+    the image and its mirror; 2: half that, half the same over the two diagonal 1-pixel shifts (reflect
+    padding): 6 passes. Scriptable, so an exported model averages exactly as the test pass did."""
+
+    def __init__(self, net: nn.Module, level: int):
+        super().__init__()
+        self.net, self.level = net, level
+
+    def mirrored(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.net(x) + self.net(x.flip(-1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.level == 0:
+            return self.net(x)
+        logits = self.mirrored(x)
+        if self.level == 1:
+            return logits
+        h, w = x.shape[-2], x.shape[-1]
+        padded = F.pad(x, [1, 1, 1, 1], mode="reflect")
+        shifted = 0.5 * (self.mirrored(padded[:, :, :h, :w]) + self.mirrored(padded[:, :, 2:, 2:]))
+        return 0.5 * logits + 0.5 * shifted
+
+
 @torch.inference_mode()
-def predict(net: nn.Module, images: torch.Tensor, channels_last: bool = False, batch_size: int = 500) -> torch.Tensor:
-    """uint8 N x 3 x H x W -> float N x classes logits, on the net's device."""
+def predict(net: nn.Module, images: torch.Tensor, channels_last: bool = False, tta: int = 0, bf16: bool = False,
+            batch_size: int = 500) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> float N x classes logits, on the net's device. bf16: as bf16-mixed trained."""
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
+    model = TTA(net, tta)
     logits = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start:start + batch_size].to(device))
-        logits.append(net(x.contiguous(memory_format=torch.channels_last) if channels_last else x).float())
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            logits.append(model(x.contiguous(memory_format=torch.channels_last) if channels_last else x).float())
     net.train(was_training)
     return torch.cat(logits)
 
 
 def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int = 10,
-             channels_last: bool = False) -> dict:
+             channels_last: bool = False, tta: int = 0, bf16: bool = False) -> dict:
     """-> {"test_loss", "test_acc", "per_class_acc": [num_classes floats]}."""
-    logits = predict(net, images, channels_last)
+    logits = predict(net, images, channels_last, tta, bf16)
     labels = labels.to(logits.device)
     hits = (logits.argmax(-1) == labels).cpu()
     correct = torch.bincount(labels.cpu()[hits], minlength=num_classes)

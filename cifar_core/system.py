@@ -1,29 +1,70 @@
-"""The LightningModule: loss, metrics and optimiser around a model from model.py."""
+"""The LightningModule: loss, metrics, optimiser, schedule and weight averaging around a model from
+model.py."""
 
 import random
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from cifar_core.model import build_model
+from cifar_core.data import normalize
+from cifar_core.model import AirNet, build_model, init_whitening
+
+WHITENING_IMAGES = 5000  # training images whose patch statistics set AirNet's first layer (0.1 s on a CPU)
+
+
+class Lookahead:
+    """The speed record's weight averaging: every `every` steps the average moves toward the weights
+    and the weights are set to it (batch-norm statistics included). The average's own weight grows as
+    0.95**5 * (step / total)**3: none early, strong by the end."""
+
+    def __init__(self, every: int = 5):
+        self.every = every
+        self.average: dict[str, torch.Tensor] = {}  # empty until the first step, or restored from a checkpoint
+
+    @torch.no_grad()
+    def step(self, net: nn.Module, step: int, total: int) -> None:
+        if not self.average:  # taken here, not at construction: the whitening layer is set in setup()
+            self.average = {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+        if step % self.every == 0 or step >= total:
+            keep = 0.95 ** 5 * (step / total) ** 3 if step < total else 1.0  # the last step ends on the average
+            state = net.state_dict()
+            for name, average in self.average.items():
+                if average.device != state[name].device:  # made before Lightning moved the net to its device
+                    self.average[name] = average = average.to(state[name].device)
+                average.lerp_(state[name], 1 - keep)
+                state[name].copy_(average)
+
+
+def triangle(step: int, total: int) -> float:
+    """The record's schedule, as a multiple of the peak lr: 0.2 up to 1 at 23% of the steps, down to 0.07."""
+    peak = max(1, int(0.23 * total))
+    if step < peak:
+        return 0.2 + 0.8 * step / peak
+    return 1 - 0.93 * (step - peak) / max(1, total - peak)
 
 
 class ImageClassifier(pl.LightningModule):
     def __init__(self, model: str = "seed_cnn", num_classes: int = 10, dropout: float = 0.0, width: int = 64,
-                 optimizer: str = "adam", lr: float = 2e-4, weight_decay: float = 0.0,
-                 momentum: float = 0.9, nesterov: bool = False, schedule: str = "constant",
-                 label_smoothing: float = 0.0, channels_last: bool = False):
+                 width_mult: int = 4, activation: str = "gelu", bn_momentum: float = 0.4, whiten: bool = True,
+                 whiten_bias_epochs: float = 3.0, optimizer: str = "adam", lr: float = 2e-4,
+                 weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False, bias_lr_scale: float = 64.0,
+                 schedule: str = "constant", label_smoothing: float = 0.0, lookahead: bool = False,
+                 channels_last: bool = False):
         super().__init__()
         # Saved into every checkpoint so it rebuilds without the run's config; kept out of the
         # logger because W&B's run config (set once, by wandb.init) is the record of the run.
         self.save_hyperparameters(logger=False)
-        self.network = dict(model=model, num_classes=num_classes, dropout=dropout, width=width)  # rebuilds self.net
+        # what rebuilds self.net (cifar_core.checkpoints.save_network)
+        self.network = dict(model=model, num_classes=num_classes, dropout=dropout, width=width,
+                            width_mult=width_mult, activation=activation, bn_momentum=bn_momentum)
         self.net = build_model(**self.network)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        self.lookahead = Lookahead() if lookahead else None
         # One metric object per stage: epoch accuracy over all samples, not a mean of batch means.
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -32,6 +73,16 @@ class ImageClassifier(pl.LightningModule):
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        # Before a resumed run's checkpoint is loaded, which then restores the layer it saved.
+        if stage == "fit" and isinstance(self.net, AirNet) and self.hparams.whiten:
+            images = self.trainer.datamodule.train_set[0][:WHITENING_IMAGES]
+            init_whitening(self.net.whiten, normalize(images.to(self.device)))
+
+    def on_train_epoch_start(self) -> None:
+        if isinstance(self.net, AirNet):  # the whitening layer's bias learns for the first epochs only
+            self.net.whiten.bias.requires_grad_(self.current_epoch < self.hparams.whiten_bias_epochs)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -42,6 +93,10 @@ class ImageClassifier(pl.LightningModule):
         self.log("train_acc", self.train_acc, on_step=True, on_epoch=True)
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.lookahead is not None:
+            self.lookahead.step(self.net, self.global_step, int(self.trainer.estimated_stepping_batches))
+
     def validation_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
@@ -51,8 +106,9 @@ class ImageClassifier(pl.LightningModule):
 
     # No test_step: the one test pass is cifar_core.evaluate, which a SIGTERM cannot abort.
 
-    # Every checkpoint carries the RNG states, so a resumed run draws the same shuffles and
-    # augmentations it would have drawn; stored as tensors/tuples so weights_only loading accepts them.
+    # Every checkpoint carries the RNG states (so a resumed run draws the same shuffles and
+    # augmentations it would have drawn) and the weight average, stored as tensors/tuples so that
+    # weights_only loading accepts them.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["rng_states"] = {
@@ -61,8 +117,12 @@ class ImageClassifier(pl.LightningModule):
             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
             "python": random.getstate(),
         }
+        if self.lookahead is not None:
+            checkpoint["lookahead"] = self.lookahead.average
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.lookahead is not None and "lookahead" in checkpoint:
+            self.lookahead.average = {k: v.clone() for k, v in checkpoint["lookahead"].items()}
         states = checkpoint.get("rng_states")
         if states is None:
             return
@@ -73,9 +133,27 @@ class ImageClassifier(pl.LightningModule):
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         random.setstate(states["python"])
 
+    def parameter_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """sgd_scaled's units: lr and weight_decay per 1024 examples and independent of momentum, as the
+        record states them; batch-norm biases learn bias_lr_scale times faster, with the same decay."""
+        batch = self.trainer.datamodule.batch_size
+        unit = 1024 * (1 + 1 / (1 - self.hparams.momentum))
+        lr = lr * batch / unit  # the learning rate of the mean loss over a batch
+        decay = weight_decay * batch / unit  # shrinkage per step at the peak lr; torch multiplies it by lr
+        norms = {id(p) for m in self.net.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+        groups = []
+        for in_norm, scale in ((True, self.hparams.bias_lr_scale), (False, 1.0)):
+            params = [p for p in self.parameters() if p.requires_grad and (id(p) in norms) == in_norm]
+            if params:
+                groups.append({"params": params, "lr": lr * scale, "weight_decay": decay / (lr * scale)})
+        return groups
+
     def configure_optimizers(self):
         hp = self.hparams
-        if hp.optimizer == "sgd":
+        if hp.optimizer == "sgd_scaled":
+            optimizer = torch.optim.SGD(self.parameter_groups(hp.lr, hp.weight_decay), momentum=hp.momentum,
+                                        nesterov=True)
+        elif hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
                                         nesterov=hp.nesterov and hp.momentum > 0, weight_decay=hp.weight_decay)
         else:
@@ -85,8 +163,10 @@ class ImageClassifier(pl.LightningModule):
             return optimizer
         steps = int(self.trainer.estimated_stepping_batches)
         if hp.schedule == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=steps,
-                                                            pct_start=0.25, anneal_strategy="linear")
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                            total_steps=steps, pct_start=0.25, anneal_strategy="linear")
+        elif hp.schedule == "triangle":
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: triangle(step, steps))
         else:  # warmup_cosine: 5% linear warmup, then cosine to zero
             warmup = max(1, steps // 20)
             scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [

@@ -28,7 +28,7 @@ from cifar_core.checkpoints import (BEST, BestModel, EndFitOnRequest, checkpoint
                                     log_resume_artifact)
 from cifar_core.config import TrainConfig
 from cifar_core.data import CIFAR10DataModule
-from cifar_core.evaluate import evaluate
+from cifar_core.evaluate import evaluate, inference
 from cifar_core.predictions import log_predictions
 from cifar_core.stopping import EXIT_CODES, PREEMPT, StopRequests
 from cifar_core.system import ImageClassifier
@@ -43,15 +43,18 @@ class Preempted(Exception):
 
 def build_datamodule(config: TrainConfig) -> CIFAR10DataModule:
     return CIFAR10DataModule(data_dir=config.data_dir, dataset=config.dataset, batch_size=config.batch_size,
-                             val_fraction=config.val_fraction, augment=config.augment,
-                             num_workers=config.num_workers, seed=config.seed)
+                             val_fraction=config.val_fraction, augment=config.augment, flip=config.flip,
+                             translate=config.translate, num_workers=config.num_workers, seed=config.seed)
 
 
 def build_system(config: TrainConfig, num_classes: int = 10) -> ImageClassifier:
     system = ImageClassifier(model=config.model, num_classes=num_classes, dropout=config.dropout,
-                             width=config.width, optimizer=config.optimizer, lr=config.lr,
+                             width=config.width, width_mult=config.width_mult, activation=config.activation,
+                             bn_momentum=config.bn_momentum, whiten=config.whiten,
+                             whiten_bias_epochs=config.whiten_bias_epochs, optimizer=config.optimizer, lr=config.lr,
                              weight_decay=config.weight_decay, momentum=config.momentum, nesterov=config.nesterov,
-                             schedule=config.schedule, label_smoothing=config.label_smoothing,
+                             bias_lr_scale=config.bias_lr_scale, schedule=config.schedule,
+                             label_smoothing=config.label_smoothing, lookahead=config.lookahead,
                              channels_last=config.channels_last)
     if config.compile:
         system.net.compile()  # in place: the state dict keeps its names (torch.compile's wrapper adds _orig_mod.)
@@ -127,13 +130,12 @@ def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], req
         best.weights = {k: v.detach().to("cpu", copy=True) for k, v in system.net.state_dict().items()}
         best.epoch = trainer.current_epoch
     system.net.load_state_dict(best.weights)
-    test = evaluate(system.net, *datamodule.test_set, num_classes=len(datamodule.classes),
-                    channels_last=config.channels_last)
+    test = evaluate(system.net, *datamodule.test_set, num_classes=len(datamodule.classes), **inference(config))
     test.pop("per_class_acc")
     trainer.logger.log_metrics(test, step=trainer.global_step)
     tested = time.perf_counter()
     log_predictions(trainer.logger, system.net, *(t[:EXAMPLES] for t in datamodule.val_set), datamodule.classes,
-                    trainer.global_step, config.channels_last)
+                    trainer.global_step, **inference(config))
     best.save_and_log(system.network, **test)
     # Where a trial's time goes, beside its metrics (agent/run.py adds its start-up).
     run.summary.update({"trial/setup_s": (clock.started or fitted) - began,

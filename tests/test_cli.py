@@ -35,7 +35,7 @@ def test_run_help_lists_what_each_key_accepts_without_importing_torch():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("  --")}
-    assert "(adam | adamw | sgd)" in lines["--optimizer=adam"]
+    assert "(adam | adamw | sgd | sgd_scaled)" in lines["--optimizer=adam"]
     assert "(true | false)" in lines["--augment=false"]
     assert "(float, lr > 0)" in lines["--lr=0.0002"]
     assert "(float, 0 <= dropout < 1)" in lines["--dropout=0.0"]

@@ -28,9 +28,10 @@ def test_reads_python_batches_into_uint8_tensors_with_a_seeded_split(cifar_dir):
 
 def test_batches_are_normalised_after_transfer(cifar_dir):
     dm = setup_dm(cifar_dir, batch_size=16)
-    images, labels = next(iter(dm.train_dataloader()))
+    images, labels, index = next(iter(dm.train_dataloader()))
     assert images.shape == (16, 3, 32, 32) and images.dtype == torch.uint8
-    x, y = dm.on_after_batch_transfer((images, labels), 0)
+    assert torch.equal(dm.train_set[0][index], images)  # each image's place in the split comes along
+    x, y = dm.on_after_batch_transfer((images, labels, index), 0)
     assert x.dtype == torch.float32 and torch.equal(y, labels)
     assert torch.allclose(x, images.float() / 127.5 - 1) and x.min() >= -1 and x.max() <= 1
     assert sum(len(b[1]) for b in dm.val_dataloader()) == 20
@@ -131,10 +132,10 @@ def test_a_decoded_cache_beside_the_batches_loads_the_same_data_and_follows_chan
 def test_shuffled_batches_cover_every_image_once_per_epoch(cifar_dir):
     dm = setup_dm(cifar_dir, batch_size=16)
     loader = dm.train_dataloader()
-    labels = torch.cat([y for _, y in loader])
+    labels = torch.cat([y for _, y, _ in loader])
     assert len(loader) == 12 and len(labels) == 180
     assert torch.equal(labels.sort().values, dm.train_set[1].sort().values)
-    assert not torch.equal(torch.cat([x for x, _ in loader]), torch.cat([x for x, _ in loader]))  # reshuffled
+    assert not torch.equal(torch.cat([x for x, _, _ in loader]), torch.cat([x for x, _, _ in loader]))  # reshuffled
 
 
 def test_a_cache_cut_short_is_rebuilt_from_the_batches(tmp_path):
@@ -153,10 +154,11 @@ def test_worker_loaders_give_the_batches_the_in_process_ones_give(cifar_dir):
     assert isinstance(loader, DataLoader) and len(loader) == len(in_process.train_dataloader()) == 12
     epochs = [list(loader), list(loader)]
     for batches in epochs:  # each epoch: every training image once
-        assert all(x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32) for x, _ in batches)
-        assert torch.equal(torch.cat([y for _, y in batches]).sort().values, in_process.train_set[1].sort().values)
-    assert not torch.equal(*(torch.cat([x for x, _ in batches]) for batches in epochs))  # reshuffled
+        assert all(x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32) for x, _, _ in batches)
+        assert torch.equal(torch.cat([y for _, y, _ in batches]).sort().values, in_process.train_set[1].sort().values)
+        assert all(torch.equal(workers.train_set[0][i], x) for x, _, i in batches)
+    assert not torch.equal(*(torch.cat([x for x, _, _ in batches]) for batches in epochs))  # reshuffled
     for a, b in zip(in_process.val_dataloader(), workers.val_dataloader(), strict=True):
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
     x, y = workers.on_after_batch_transfer(next(iter(workers.test_dataloader())), 0)
     assert x.dtype == torch.float32 and x.shape == (16, 3, 32, 32) and len(y) == 16

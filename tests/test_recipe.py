@@ -1,0 +1,113 @@
+"""The speed record's techniques, each on its own, then all of them in one short trial."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import wandb
+from torch import nn
+
+from cifar_core.checkpoints import load_network
+from cifar_core.config import TrainConfig
+from cifar_core.data import CIFAR10DataModule, normalize, translate_flip_batch
+from cifar_core.evaluate import TTA, evaluate, inference
+from cifar_core.model import build_model, init_whitening
+from cifar_core.system import WHITENING_IMAGES, Lookahead, triangle
+from cifar_core.train import train
+from tests.helpers import leet_records, records_of
+
+# The CPU preset's techniques on tiny synthetic data (bench/speed.py CPU_PRESET holds the real one).
+RECIPE = dict(dataset="synthetic", model="airnet", width=8, width_mult=2, activation="relu", optimizer="sgd_scaled",
+              lr=20.0, weight_decay=0.0153, momentum=0.85, label_smoothing=0.2, batch_size=128, max_epochs=2,
+              limit_train_batches=6, schedule="triangle", lookahead=True, flip="alternating", translate=2, tta=2,
+              channels_last=True)
+
+
+def test_whitening_makes_the_patches_uncorrelated_with_unit_variance():
+    torch.manual_seed(0)
+    mixing = torch.randn(3, 3)  # correlated channels: whitening must undo the mixing
+    images = torch.einsum("ij,njhw->nihw", mixing, torch.randn(400, 3, 16, 16))
+    net = build_model("airnet", width=8)
+    init_whitening(net.whiten, images, eps=0.0)
+    with torch.no_grad():
+        out = nn.functional.conv2d(images, net.whiten.weight[:12])  # the +V half; the other half is -V
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1)
+    assert torch.allclose(flat @ flat.T / flat.shape[1], torch.eye(12), atol=1e-3)
+    assert not net.whiten.weight.requires_grad and net.whiten.bias.requires_grad
+
+
+def test_translate_and_flip_move_pixels_as_reflect_padding_and_mirroring_do():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).view(2, 3, 8, 8)
+    flip = torch.tensor([True, False])
+    assert torch.equal(translate_flip_batch(x, 0, flip), torch.stack([x[0].flip(-1), x[1]]))
+    torch.manual_seed(3)
+    moved = translate_flip_batch(x, 2, None)
+    padded = nn.functional.pad(x.float(), [2, 2, 2, 2], mode="reflect")
+    windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for i in range(2) for dy in range(5) for dx in range(5)]
+    for i in range(2):  # each image is one of the 25 reflect-padded windows of itself
+        assert any(torch.equal(moved[i].float(), w) for w in windows[25 * i:25 * i + 25])
+
+
+def test_alternating_flips_show_every_image_both_ways_in_two_epochs():
+    dm = CIFAR10DataModule(dataset="synthetic", batch_size=64, flip="alternating")
+    dm.setup()
+    images, labels, index = next(iter(dm.train_dataloader()))
+    seen = []
+    for epoch in (0, 1, 2):
+        dm.trainer = SimpleNamespace(training=True, current_epoch=epoch)
+        seen.append(dm.on_after_batch_transfer((images, labels, index), 0)[0])
+    flipped = [torch.isclose(s, (images.float() / 127.5 - 1).flip(-1)).flatten(1).all(1) for s in seen]
+    assert torch.equal(flipped[0], ~flipped[1]) and torch.equal(flipped[0], flipped[2])
+    assert 0 < flipped[0].sum() < len(index)
+
+
+def test_lookahead_ends_on_the_average_and_the_schedule_is_the_records():
+    net = nn.Linear(3, 2)
+    lookahead = Lookahead()
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    lookahead.step(net, 5, 10)  # early: the average mostly follows the weights
+    assert torch.allclose(net.weight, lookahead.average["weight"]) and not torch.allclose(net.weight, start)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    lookahead.step(net, 10, 10)  # the last step: the weights become the average, whatever they were
+    assert torch.equal(net.weight, lookahead.average["weight"])
+    assert [round(triangle(s, 100), 3) for s in (0, 23, 100)] == [0.2, 1.0, 0.07]
+
+
+def test_tta_scripts_to_the_same_logits_and_level_1_is_the_mirror_mean():
+    torch.manual_seed(0)
+    net = build_model("airnet", width=8).eval()
+    x = torch.randn(4, 3, 32, 32)
+    for level in (0, 1, 2):
+        eager = TTA(net, level)(x)
+        assert torch.allclose(torch.jit.script(TTA(net, level))(x), eager, atol=1e-5)
+    assert torch.allclose(TTA(net, 1)(x), 0.5 * (net(x) + net(x.flip(-1))))
+
+
+@pytest.fixture
+def recipe_run(offline_env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(**RECIPE)
+    result = train(config)
+    wandb.teardown()
+    return config, result
+
+
+def test_the_recipe_trains_in_a_normal_trial_and_its_best_model_scores_as_logged(recipe_run):
+    config, result = recipe_run
+    net, saved = load_network(result["best_checkpoint"])
+    dm = CIFAR10DataModule(dataset="synthetic", seed=config.seed)
+    dm.setup()
+    rescored = evaluate(net, *dm.test_set, **inference(config))  # the trial's own test pass, TTA included
+    assert rescored["test_acc"] == pytest.approx(result["test_acc"], abs=1e-6)
+    assert saved["epoch"] == result["best_epoch"]
+    whitening = build_model("airnet", width=8).whiten  # trained, the layer must still be what the data set it to
+    init_whitening(whitening, normalize(dm.train_set[0][:WHITENING_IMAGES]))
+    assert torch.equal(net.whiten.weight, whitening.weight)
+    run_dir = os.path.dirname(os.path.dirname(result["best_checkpoint"]))
+    final = [a for a in records_of(leet_records(run_dir), "artifact") if a["type"] == "model"][-1]
+    assert json.loads(final["metadata"])["config"]["tta"] == 2
