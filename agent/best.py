@@ -32,7 +32,9 @@ from torch import nn
 from agent.errors import SWEEP_PATH, UsageError
 from agent.run import make_config
 from agent.runlog import RunLogReader, find_run_files, history_row
-from agent.status import best_trial, console, open_store
+from agent.status import console
+from agent.store import open_store
+from agent.trials import best_trial, is_number, sweep_metric
 from agent.wandb_errors import find_sweep, first_line, wandb_api, wandb_errors
 from cifar_core.checkpoints import BEST, checkpoint_dir, load_network
 from cifar_core.config import TrainConfig
@@ -98,7 +100,7 @@ def local_best(directory: str) -> Best:
     sweep_id, sweep = store.sweep() or (None, None)
     if sweep is None:
         raise UsageError(f"{directory}: sweep.db holds no sweep yet")
-    name, goal = (sweep.get("metric") or {}).get("name"), (sweep.get("metric") or {}).get("goal", "minimize")
+    name, goal = sweep_metric(sweep)
     trial = best_trial([t for t in store.trials() if t.state in DONE], goal)
     if trial is None:
         raise UsageError(f"{directory}: no finished or stopped trial has a value of {name or 'the metric'} yet")
@@ -131,7 +133,7 @@ def wandb_best(target: str) -> Best:
         run = sweep.best_run()
         if run is None:
             raise UsageError(f"{target}: the sweep has no runs yet")
-        metric = (sweep.config or {}).get("metric") or {}
+        metric, goal = sweep_metric(sweep.config or {})
         name = f"{entity}/{project}/model-{run.id}:best"
         with wandb_errors(name):
             folder = api.artifact(name).download()
@@ -140,9 +142,8 @@ def wandb_best(target: str) -> Best:
     checkpoint = Path(folder) / "model.ckpt"
     if not checkpoint.is_file():
         raise UsageError(f"{name}: no model.ckpt in {folder}")
-    value = summary.get(metric.get("name")) if metric.get("name") else None
-    return Best(run_id, state, f"run {run_id} of sweep {target}", metric.get("name"),
-                value if isinstance(value, (int, float)) else None, metric.get("goal", "minimize"),
+    value = summary.get(metric) if metric else None
+    return Best(run_id, state, f"run {run_id} of sweep {target}", metric, value if is_number(value) else None, goal,
                 make_config(known(config)), checkpoint, summary.get("test_acc"), (Path.cwd(),))
 
 
@@ -175,11 +176,12 @@ def class_names(best: Best) -> tuple[str, ...]:
 
 def load_test_split(best: Best) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The trial's test images (uint8), labels, and what they are."""
-    from cifar_core.data import BATCHES_DIR, DatasetError, read_all, synthetic_split
+    from cifar_core.data import BATCHES_DIR, DatasetError, read_all, synthetic_splits
 
     config = best.config
     if config.dataset == "synthetic":
-        return *synthetic_split(1000, config.seed + 1), f"synthetic (seed {config.seed + 1})"
+        _, (images, labels) = synthetic_splits(config.seed)
+        return images, labels, f"synthetic test split (seed {config.seed})"
     batches = cifar_batches(best)
     if batches is None:
         where = Path(config.data_dir) if Path(config.data_dir).is_absolute() else Path.cwd() / config.data_dir

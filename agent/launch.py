@@ -24,6 +24,7 @@ from agent.errors import SWEEP_PATH, UsageError
 from agent.validate import load_sweep, runs_our_program, sweep_problems
 from agent.wandb_errors import find_sweep, wandb_api
 from agent.warm_client import READY_TIMEOUT, WarmWorker
+from cifar_core.config import default_project
 
 RUN_STARTED = re.compile(r"Agent Starting Run: (\w+)")
 BACKOFF_BASE, BACKOFF_MAX = 2.0, 60.0  # seconds before restarting a dead agent: base ** crashes, capped
@@ -43,7 +44,7 @@ def create(path: str, project: str | None, entity: str | None) -> int:
         raise UsageError(f"{path}: " + "; ".join(problems))
     import wandb
 
-    project = project or sweep.get("project") or os.environ.get("WANDB_PROJECT") or "cifar10-sweeps"
+    project = project or sweep.get("project") or default_project()
     with wandb_api(f"{path}: W&B did not create the sweep", f"a sweep is created on the W&B server; {ONLINE}") as api:
         sweep_id = wandb.sweep(sweep, project=project, entity=entity)
         entity = entity or api.settings["entity"] or api.default_entity  # where wandb.sweep put it

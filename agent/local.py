@@ -25,7 +25,8 @@ from wandb.sdk.lib.runid import generate_id
 from agent.errors import UsageError
 from agent.runlog import RunLogReader, find_run_file
 from agent.status import SweepView
-from agent.store import LIVE, Store, Trial, is_number
+from agent.store import Store
+from agent.trials import LIVE, Trial, is_number, sweep_metric
 from agent.validate import DEFAULT_COMMAND, candidate_values, load_sweep, runs_our_program, sweep_problems, sweeps
 from agent.warm_client import READY_TIMEOUT, WarmWorker
 from cifar_core.config import TrainConfig
@@ -125,7 +126,7 @@ class LocalSweep:
                  view: SweepView, report: bool, warm: bool):
         self.store, self.sweep_id, self.sweep, self.root = store, sweep_id, sweep, root.resolve()
         self.engine = engine_config(sweep)
-        self.metric = (sweep.get("metric") or {}).get("name")
+        self.metric = sweep_metric(sweep)[0]
         caps = [c for c in (count, sweep.get("run_cap")) if c]
         self.limit = min(caps) if caps else (None if sweep["method"] == "grid" else 1 << 62)
         self.gpus = gpus  # per worker slot: the GPU it pins (CUDA_VISIBLE_DEVICES) or None

@@ -11,24 +11,14 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from agent.status import short
-from agent.store import Trial, is_number
+from agent.trials import STATE_COLORS, Trial, is_number, ranked, short
 
-COLORS = {"finished": "#2a9d4b", "running": "#1f8fc8", "pending": "#999999", "failed": "#d62728",
-          "crashed": "#a03cb4", "stopped": "#e09b00"}
 TOP_CURVES, MIN_FOR_IMPORTANCE = 5, 3
 # Below this many ranked trials a random forest's ranking (and a correlation) moves with every trial added.
 TRUSTED_IMPORTANCE = 10
 # Why a trial with a metric is not ranked: its value was not measured at the end of a full training.
 CUT_SHORT = {"stopped": "stopped early: its last value is an early one, not comparable with a finished trial's",
              "running": "not done", "failed": "ended part-way", "crashed": "ended part-way"}
-
-
-def ranked(trials: list[Trial], goal: str) -> list[Trial]:
-    """Best first per the goal; trials with no metric last, in their own order."""
-    scored = sorted((t for t in trials if t.metric is not None), key=lambda t: t.metric, reverse=goal == "maximize")
-    ids = {t.id for t in scored}
-    return scored + [t for t in trials if t.id not in ids]
 
 
 # the plots: each a Figure, or None when there is nothing to draw yet
@@ -40,7 +30,7 @@ def metric_over_trials(trials: list[Trial], metric: str, goal: str) -> Figure | 
         return None
     fig = Figure(figsize=(9, 3.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    for state, color in COLORS.items():
+    for state, color in STATE_COLORS.items():
         mine = [(i, t.metric) for i, t in points if t.state == state]
         if mine:
             ax.scatter(*zip(*mine), color=color, label=state, zorder=3)

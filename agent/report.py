@@ -25,13 +25,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from agent.errors import SWEEP_PATH, UsageError
-from agent.plots import (importance, importance_chart, learning_curves, metric_over_trials,
-                         parallel_coordinates, ranked)
-from agent.runlog import RunLogReader
-from agent.status import STATE_STYLE, best_trial, console, open_store, short, summary_line, swept, trial_table
-from agent.store import Trial, is_number
-from cifar_core.predictions import parse_caption
+from agent.plots import importance, importance_chart, learning_curves, metric_over_trials, parallel_coordinates
+from agent.runlog import RunLogReader, find_run_file
+from agent.status import console, summary_line, trial_table
+from agent.store import open_store
+from agent.trials import (STATE_COLORS, STATES, Trial, best_trial, is_number, ranked, short, state_counts,
+                          sweep_metric, swept)
 from agent.wandb_errors import find_sweep, wandb_api
+from cifar_core.predictions import parse_caption
 
 IMAGE_NAME = re.compile(r"examples_(\d+)_[0-9a-f]+\.png")
 WANDB_STATES = {"killed": "stopped", "preempted": "crashed", "preempting": "running", "pending": "pending"}
@@ -43,13 +44,12 @@ h1{font-size:22px;margin-bottom:4px}h2{font-size:17px;margin-top:28px;border-bot
 table{border-collapse:collapse;font-variant-numeric:tabular-nums}th,td{padding:3px 10px;text-align:left}
 th{border-bottom:2px solid #ccc}tbody tr:nth-child(even){background:#f7f7f7}
 tr.best{font-weight:bold}tr.failed,tr.crashed{background:#fde8e8!important}tr.stopped{background:#fff4d6!important}
-.state{font-weight:600}.s-finished{color:#2a9d4b}.s-failed{color:#d62728}.s-stopped{color:#b07800}
-.s-crashed{color:#a03cb4}.s-running{color:#1f8fc8}.s-pending{color:#999}td.reason{color:#666;max-width:420px}
+.state{font-weight:600}td.reason{color:#666;max-width:420px}
 img.plot{max-width:100%;display:block;margin:8px 0}
 .grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:96px;text-align:center;font-size:11px}
 figure img{width:96px;height:96px;image-rendering:pixelated;border:3px solid #2a9d4b}
 figure.wrong img{border-color:#d62728}
-"""
+""" + "".join(f".s-{state}{{color:{color}}}" for state, color in STATE_COLORS.items())
 
 
 def _duration(seconds: float | None) -> str:
@@ -70,18 +70,18 @@ def _data_uri(data: bytes) -> str:
 
 def prediction_images(root: Path, trial_id: str) -> tuple[int, list[tuple[Path, str]]] | None:
     """The `examples` images of the trial's newest run at its last logged step, with their captions."""
-    runs = sorted(root.glob(f"wandb/offline-run-*-{trial_id}"))
-    if not runs:
+    log = find_run_file(root, trial_id)
+    if log is None:
         return None
     by_step: dict[int, list[Path]] = {}
-    for f in (runs[-1] / "files" / "media" / "images").glob("examples_*.png"):
+    for f in (log.parent / "files" / "media" / "images").glob("examples_*.png"):
         if match := IMAGE_NAME.fullmatch(f.name):
             by_step.setdefault(int(match[1]), []).append(f)
     if not by_step:
         return None
     captions = {}  # file name -> (its place in the logged list, caption), from the run's log
     try:
-        for row in RunLogReader(runs[-1] / f"run-{trial_id}.wandb").poll():
+        for row in RunLogReader(log).poll():
             names, texts = row.get("examples.filenames") or [], row.get("examples.captions") or []
             captions.update({Path(n).name: (i, str(c)) for i, (n, c) in enumerate(zip(names, texts))})
     except (OSError, ValueError):
@@ -141,8 +141,8 @@ def write_report(directory: Path) -> Path:
         trials = store.trials()
     finally:
         store.db.close()
-    metric = (sweep.get("metric") or {}).get("name") or "metric"
-    goal = (sweep.get("metric") or {}).get("goal", "minimize")
+    metric, goal = sweep_metric(sweep)
+    metric = metric or "metric"
     params = swept(sweep)
     best = best_trial(trials, goal)
     folder = directory / "report"
@@ -158,7 +158,7 @@ def write_report(directory: Path) -> Path:
                            f'<tr><th>parameter</th><th>importance</th><th>correlation</th></tr></thead>'
                            f'<tbody>{table}</tbody></table>' +
                            _plot_html(folder, "importance", importance_chart(ranked_by, metric), ""))
-    counts = ", ".join(f"{n} {s}" for s in STATE_STYLE if (n := sum(t.state == s for t in trials))) or "no trials yet"
+    counts = state_counts(trials)
     best_html = "No trial has a metric yet." if best is None else (
         f"Best: <b>{best.id}</b>, {html.escape(metric)} = {best.metric:.4g}; config: <code>" +
         html.escape(" ".join(f"{k}={short(v)}" for k, v in best.config.items())) + "</code>")
@@ -192,13 +192,12 @@ def wandb_report(path: str) -> int:
         config, url = sweep.config or {}, sweep.url
         # Not sweep.runs: its runs fetch their config and summary one request each.
         runs = list(api.runs(f"{entity}/{project}", filters={"$and": [{"sweep": sweep_id}]}, lazy=False))
-    metric = (config.get("metric") or {}).get("name")
-    goal = (config.get("metric") or {}).get("goal", "minimize")
+    metric, goal = sweep_metric(config)
     trials = []
     for run in runs:
         value = run.summary.get(metric) if metric else None
         runtime = run.summary.get("_runtime")
-        state = run.state if run.state in STATE_STYLE else WANDB_STATES.get(run.state, "crashed")
+        state = run.state if run.state in STATES else WANDB_STATES.get(run.state, "crashed")
         trials.append(Trial(id=run.id, params={k: {"value": v} for k, v in dict(run.config).items()}, state=state,
                             metric=float(value) if is_number(value) else None,
                             started=0.0 if is_number(runtime) and runtime > 0 else None,

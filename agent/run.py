@@ -101,7 +101,7 @@ def run(argv: list[str]) -> dict:
         started_init = seconds_since_process_start()
         # resume="allow": a requeued (preempted) sweep run comes back under its own id and continues.
         # stop_fn: W&B's stop reaches the run as a request, not as a KeyboardInterrupt mid-step.
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT") or config.project, config=config.model_dump(),
+        run = wandb.init(project=config.project, config=config.model_dump(),
                          job_type="train", resume="allow", settings=wandb.Settings(stop_fn=requests.wandb_stop))
         initialized = seconds_since_process_start()
         try:

@@ -1,7 +1,6 @@
 """The trial table of a local sweep: `python -m agent status DIR [--json]`, and the live view."""
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -10,23 +9,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from agent.errors import UsageError
-from agent.store import Store, Trial
-
-STATE_STYLE = {"finished": "green", "running": "cyan", "pending": "dim", "failed": "red",
-               "crashed": "magenta", "stopped": "yellow"}
-
-
-def best_trial(trials: list[Trial], goal: str) -> Trial | None:
-    scored = [t for t in trials if t.metric is not None and not math.isnan(t.metric)]
-    pick = max if goal == "maximize" else min
-    return pick(scored, key=lambda t: t.metric) if scored else None
-
-
-def swept(sweep: dict) -> list[str]:
-    """The parameters that vary between trials (constants add nothing to a table)."""
-    return [name for name, spec in (sweep.get("parameters") or {}).items()
-            if not (isinstance(spec, dict) and "value" in spec)]
+from agent.store import open_store
+from agent.trials import STATE_COLORS, Trial, best_trial, short, state_counts, sweep_metric, swept
 
 
 def console() -> Console:
@@ -40,17 +24,12 @@ def print_line(out: Console, text: str):
 
 
 def summary_line(trials: list[Trial], metric: str | None, goal: str, params: list[str]) -> str:
-    counts = {s: sum(t.state == s for t in trials) for s in STATE_STYLE}
-    line = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no trials yet"
+    line = state_counts(trials)
     best = best_trial(trials, goal)
     if best is not None:
         line += f" | best {metric} {best.metric:.4g} ({best.id}: " + \
             " ".join(f"{p}={short(best.config.get(p))}" for p in params) + ")"
     return line
-
-
-def short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def trial_table(trials: list[Trial], metric: str | None, params: list[str]) -> Table:
@@ -63,19 +42,8 @@ def trial_table(trials: list[Trial], metric: str | None, params: list[str]) -> T
         duration = "" if t.duration is None else f"{t.duration:.0f}s"
         cells = ["" if t.metric is None else f"{t.metric:.4g}", duration,
                  *[short(t.config.get(p, "")) for p in params], t.reason or ""]
-        table.add_row(Text(t.id), Text(t.state, style=STATE_STYLE[t.state]), *map(Text, cells))
+        table.add_row(Text(t.id), Text(t.state, style=STATE_COLORS[t.state]), *map(Text, cells))
     return table
-
-
-def open_store(directory: str) -> Store:
-    """The sweep in DIR, opened read-only."""
-    path = Path(directory) / "sweep.db"
-    if not path.is_file():
-        raise UsageError(f"{directory}: no local sweep here (expected {path})")
-    store = Store(path, readonly=True)
-    if store.sweep() is None:
-        raise UsageError(f"{path}: holds no sweep yet")
-    return store
 
 
 def status(directory: str, as_json: bool) -> int:
@@ -87,11 +55,11 @@ def status(directory: str, as_json: bool) -> int:
                            "reason": t.reason, "exit_code": t.exit_code, "duration_s": t.duration, "gpu": t.gpu}
                           for t in trials], indent=1))
         return 0
-    metric = (sweep.get("metric") or {}).get("name")
+    metric, goal = sweep_metric(sweep)
     out = console()
     print_line(out, f"sweep {sweep_id} ({sweep['method']}) in {directory}")
     out.print(trial_table(trials, metric, swept(sweep)))
-    print_line(out, summary_line(trials, metric, (sweep.get("metric") or {}).get("goal", "minimize"), swept(sweep)))
+    print_line(out, summary_line(trials, metric, goal, swept(sweep)))
     return 0
 
 
@@ -99,8 +67,7 @@ class SweepView:
     """On a terminal, a live table of trials; elsewhere (logs, CI), a line per event."""
 
     def __init__(self, sweep_id: str, sweep: dict, directory: Path):
-        self.metric = (sweep.get("metric") or {}).get("name")
-        self.goal = (sweep.get("metric") or {}).get("goal", "minimize")
+        self.metric, self.goal = sweep_metric(sweep)
         self.params = swept(sweep)
         self.console = console()
         print_line(self.console, f"sweep {sweep_id} ({sweep['method']}) in {directory}  "

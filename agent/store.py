@@ -8,19 +8,16 @@ damaged, no database, or another program's is refused before anything writes to 
 """
 
 import json
-import math
 import os
 import socket
 import sqlite3
 import time
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import UsageError
+from agent.trials import LIVE, Trial
 
-STATES = ("pending", "running", "finished", "failed", "crashed", "stopped")
-LIVE = ("pending", "running")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sweep (id TEXT PRIMARY KEY, config TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS trials (
@@ -40,36 +37,6 @@ CREATE TABLE IF NOT EXISTS trials (
 );
 CREATE TABLE IF NOT EXISTS controllers (id TEXT PRIMARY KEY, host TEXT, pid INTEGER, heartbeat REAL);
 """
-
-
-def is_number(value) -> bool:
-    """A finite int or float (not a bool): a usable metric or parameter value."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass
-class Trial:
-    id: str
-    params: dict
-    state: str
-    metric: float | None = None
-    history: list = field(default_factory=list)
-    exit_code: int | None = None
-    reason: str | None = None
-    pid: int | None = None
-    gpu: str | None = None
-    created: float = 0.0
-    started: float | None = None
-    ended: float | None = None
-    stop_requested: float | None = None
-
-    @property
-    def config(self) -> dict:
-        return {name: spec.get("value") for name, spec in self.params.items()}
-
-    @property
-    def duration(self) -> float | None:
-        return None if self.started is None else (self.ended or time.time()) - self.started
 
 
 def _trial(row: sqlite3.Row) -> Trial:
@@ -203,3 +170,14 @@ class Store:
             for trial_id in orphans:
                 self.update(trial_id, state="crashed", reason="its controller died", ended=now)
         return orphans
+
+
+def open_store(directory: str) -> Store:
+    """The sweep in DIR, opened read-only."""
+    path = Path(directory) / "sweep.db"
+    if not path.is_file():
+        raise UsageError(f"{directory}: no local sweep here (expected {path})")
+    store = Store(path, readonly=True)
+    if store.sweep() is None:
+        raise UsageError(f"{path}: holds no sweep yet")
+    return store

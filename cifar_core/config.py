@@ -14,6 +14,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+
+def default_project() -> str:
+    """The W&B project of a run, or of a new sweep, that names none."""
+    return os.environ.get("WANDB_PROJECT") or "cifar10-sweeps"
+
+
 # Keys the program logs once per epoch (validation) or once per run (test);
 # train_loss/train_acc are logged per step and per epoch as *_step/*_epoch.
 MONITORS = {"val_acc": "max", "val_loss": "min"}
@@ -83,7 +89,7 @@ class TrainConfig(BaseModel):
 
     # run
     seed: int = 0
-    project: str = "cifar10-sweeps"  # W&B project when not set by a sweep or WANDB_PROJECT
+    project: str = Field(default_factory=default_project)  # W&B's agent sets WANDB_PROJECT to the sweep's
 
     @field_validator("precision", mode="before")
     @classmethod

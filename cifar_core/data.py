@@ -131,7 +131,12 @@ def _load_cache(cache: Path) -> torch.Tensor | None:
     return rows if rows.dtype == torch.uint8 and rows.ndim == 2 and rows.shape[1] == 3 * 32 * 32 + 1 else None
 
 
-def synthetic_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_splits(seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The dataset `synthetic` of a run with `seed`: its 5,000 train and its 1,000 test images and labels."""
+    return synthetic_images(5000, seed), synthetic_images(1000, seed + 1)
+
+
+def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A learnable CIFAR-shaped set: each class is a fixed smooth colour pattern plus noise."""
     prototypes = torch.nn.functional.interpolate(
         torch.rand(len(CLASSES), 3, 4, 4, generator=torch.Generator().manual_seed(1234)) * 255,
@@ -242,7 +247,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         if self.dataset == "synthetic":
-            train_full, self.test_set = synthetic_split(5000, self.seed), synthetic_split(1000, self.seed + 1)
+            train_full, self.test_set = synthetic_splits(self.seed)
         else:
             self.classes = read_class_names(self.batches_dir)
             train_full, self.test_set = read_all(self.batches_dir)

@@ -12,7 +12,6 @@ preemption, the full state is logged as `resume-<run id>`, the run is marked pre
 Preempted is raised, so that the run exits non-zero and W&B requeues it.
 """
 
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -69,7 +68,7 @@ def train(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), requests: 
             return train(config, callbacks, requests)
     if wandb.run is not None:
         return fit_and_test(wandb.run, config, callbacks, requests)
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT") or config.project, config=config.model_dump(),
+    run = wandb.init(project=config.project, config=config.model_dump(),
                      job_type="train", settings=wandb.Settings(stop_fn=requests.wandb_stop))
     try:
         result = fit_and_test(run, config, callbacks, requests)

@@ -19,7 +19,7 @@ from agent.best import best
 from agent.errors import UsageError
 from agent.run import make_config, parse_flags
 from agent.store import Store
-from cifar_core.data import CLASSES, normalize, synthetic_split
+from cifar_core.data import CLASSES, normalize, synthetic_images, synthetic_splits
 from cifar_core.checkpoints import save_network
 from cifar_core.model import build_model
 from cifar_core.system import ImageClassifier
@@ -119,7 +119,7 @@ def test_export_runs_without_the_project_and_predicts_as_the_checkpoint(sweep, c
     model = tmp_path / "best.pt"
     out = report(capsys, sweep.dir, export=str(model))
     assert out["exported"].startswith(str(model))
-    images, _ = synthetic_split(1000, sweep.trial.config.get("seed", 0) + 1)
+    _, (images, _) = synthetic_splits(sweep.trial.config.get("seed", 0))
     got = run_clean(model, images[:100], tmp_path)
     expected = checkpoint_predictions(Path(out["checkpoint"]), images[:100])
     assert got["predict"] == got["argmax"] == expected
@@ -167,7 +167,7 @@ def test_a_compiled_resnet9_checkpoint_exports_by_tracing(mocker, capsys, tmp_pa
     wandb_api(mocker, "r9", {"dataset": "synthetic", "model": "resnet9", "width": 8, "compile": True}, folder)
     out = report(capsys, "ent/proj/swp", export=str(tmp_path / "r9.pt"))
     assert "--model=resnet9" in out["config"] and "--compile=true" in out["config"]
-    images, _ = synthetic_split(40, 7)
+    images, _ = synthetic_images(40, 7)
     got = run_clean(tmp_path / "r9.pt", images, tmp_path)
     assert got["predict"] == checkpoint_predictions(folder / "model.ckpt", images)
 

@@ -1,7 +1,9 @@
 """`python -m agent run` and the signals a terminal or a box sends it, as a real process: a
 preemption notice saves and logs the training state and the same run id resumes it; Ctrl-C and a
 plain SIGTERM end it with its best model logged. Signals are sent once the run's own log shows
-the epoch the test waits for."""
+the epoch the test waits for. Runs start through the session's warm worker, as under `agent local` and
+`agent launch` (the client relays each signal and exits as the trial did); test_wandb_agent.py sends a
+stop to a cold run."""
 
 import signal
 import subprocess
@@ -17,9 +19,13 @@ from tests.helpers import agent_command, fresh_env, leet_records, records_of, ru
 ARGS = ("run", "--dataset=synthetic", "--max_epochs=4", "--limit_train_batches=12", "--early_stopping_patience=10")
 
 
-def start(tmp_path: Path, run_id: str) -> subprocess.Popen:
-    return subprocess.Popen(agent_command(*ARGS), cwd=tmp_path, env=fresh_env(tmp_path, WANDB_RUN_ID=run_id),
+def start(tmp_path: Path, worker, run_id: str) -> subprocess.Popen:
+    return subprocess.Popen(agent_command(*ARGS), cwd=tmp_path, env=run_env(tmp_path, worker, run_id),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_env(tmp_path: Path, worker, run_id: str) -> dict[str, str]:
+    return fresh_env(tmp_path, WANDB_RUN_ID=run_id, AGENT_WARM_SOCKET=worker.socket)
 
 
 def wait_for_validation(tmp_path: Path, run_id: str, epoch: int, proc: subprocess.Popen) -> None:
@@ -39,8 +45,8 @@ def model_artifacts(records: list[dict]) -> list[dict]:
     return [a for a in records_of(records, "artifact") if a["type"] == "model"]
 
 
-def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that_epoch(tmp_path):
-    first = start(tmp_path, "preempt01")
+def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that_epoch(tmp_path, warm_worker):
+    first = start(tmp_path, warm_worker, "preempt01")
     wait_for_validation(tmp_path, "preempt01", 1, first)
     first.send_signal(signal.SIGUSR1)
     stdout, stderr = first.communicate(timeout=120)
@@ -58,7 +64,7 @@ def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that
     assert [e.get("exit_code") for e in records_of(records, "exit")] == [128 + signal.SIGUSR1]
 
     second = subprocess.run(agent_command(*ARGS), cwd=tmp_path, capture_output=True, text=True, timeout=180,
-                            env=fresh_env(tmp_path, WANDB_RUN_ID="preempt01"))
+                            env=run_env(tmp_path, warm_worker, "preempt01"))
     assert second.returncode == 0, second.stderr[-2000:]
     assert f"resumed_from={first_dir / 'checkpoints' / 'preempt.ckpt'}" in second.stdout
     records = leet_records(run_dirs(tmp_path, "preempt01")[-1])
@@ -69,8 +75,8 @@ def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that
 
 # A plain SIGTERM (exit 0) takes the same path: tests/test_wandb_agent.py sends it to a cold run.
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130)])
-def test_ctrl_c_ends_the_run_with_its_best_model_logged(tmp_path, signum, code):
-    run = start(tmp_path, "ended01")
+def test_ctrl_c_ends_the_run_with_its_best_model_logged(tmp_path, warm_worker, signum, code):
+    run = start(tmp_path, warm_worker, "ended01")
     wait_for_validation(tmp_path, "ended01", 0, run)
     run.send_signal(signum)
     stdout, stderr = run.communicate(timeout=120)

@@ -1,11 +1,14 @@
-"""The sweep report: real local sweeps -> DIR/report.html, opened in a real headless browser; the W&B table."""
+"""The sweep report: real local sweeps (one of them the README's quickstart, as written there) ->
+DIR/report.html, opened in a real headless browser; the W&B table."""
 
 import json
 import os
 import re
+import shlex
 import shutil
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from agent.errors import UsageError
 from agent.plots import importance, importance_chart
 from agent.report import learning_curves, report, write_report
 from agent.store import Store, Trial
+from tests.conftest import write_cifar
 from tests.helpers import REPO, agent_command, fresh_env
 
 FOREIGN = REPO / "tests" / "programs" / "foreign_train.py"
@@ -47,14 +51,33 @@ def foreign_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ours_dir(tmp_path_factory) -> Path:
-    """Our program on synthetic data, two trials side by side (hyperband stops are tested in test_local)."""
-    return run_sweep(tmp_path_factory.mktemp("ours"), {
-        "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
-        "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
-        "parameters": {"lr": {"values": [3.0e-3, 1.0e-7]}, "dataset": {"value": "synthetic"},
-                       "max_epochs": {"value": 3}, "limit_train_batches": {"value": 3}},
-        "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]}, "--workers", "2")
+def quickstart(tmp_path_factory) -> tuple[list[str], subprocess.CompletedProcess, Path]:
+    """The README's quickstart with CIFAR10_DATA_DIR, as written there (our program, sweeps/cpu-fast.yaml,
+    bayes, hyperband, warm workers, --report), on tiny CIFAR-10 files: its argv, its outcome, its folder."""
+    [line] = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("CIFAR10_DATA_DIR=")]
+    args = shlex.split(line.replace("sweeps/", f"{REPO}/sweeps/"))
+    assert args[1:4] == ["python", "-m", "agent"] and "--report" in args
+    root = tmp_path_factory.mktemp("quickstart")
+    data = write_cifar(root / "data", per_batch=120)  # enough for 60% of an epoch at batch 256 to be a batch
+    out = subprocess.run([sys.executable, *args[2:]], env=fresh_env(root, CIFAR10_DATA_DIR=str(data)),
+                         capture_output=True, text=True, cwd=root, timeout=240)
+    return args, out, root
+
+
+@pytest.fixture(scope="module")
+def ours_dir(quickstart) -> Path:
+    _, out, root = quickstart
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    [directory] = (root / "sweeps-local").iterdir()
+    return directory
+
+
+def test_the_readme_quickstart_runs_its_trials_and_prints_the_report_last(quickstart, ours_dir):
+    args, out, _ = quickstart
+    assert out.stdout.strip().splitlines()[-1] == f"report: {ours_dir / 'report.html'}"  # the line to click
+    trials = states(ours_dir)
+    assert len(trials) == int(args[args.index("--count") + 1])
+    assert set(trials.values()) <= {"finished", "stopped"} and "finished" in trials.values()
 
 
 def states(directory: Path) -> dict[str, str]:
@@ -100,12 +123,14 @@ def test_report_of_our_program_opens_offline_with_plots_and_prediction_images(ou
     trials = states(ours_dir)
     seen = open_in_browser(path, tmp_path / "report.png")
     assert_self_contained(seen)
-    assert seen["rows"] == len(trials) == 2
+    assert seen["rows"] == len(trials) == 4
     assert sum("stopped" in c for c in seen["row_classes"]) == list(trials.values()).count("stopped")
     plots = {i["alt"] for i in seen["images"] if i["alt"] in PLOTS}
-    assert plots == {"metric_over_trials", "parallel_coordinates", "learning_curves"}  # importance needs 3
     finished = list(trials.values()).count("finished")
-    assert f"Needs at least 3 finished trials with a val_acc; {finished} so far" in seen["text"]
+    assert plots == {"metric_over_trials", "parallel_coordinates", "learning_curves"} | \
+        ({"importance"} if finished >= 3 else set())  # importance ranks 3 finished trials or more
+    if finished < 3:
+        assert f"Needs at least 3 finished trials with a val_acc; {finished} so far" in seen["text"]
     assert sorted(p.stem for p in (ours_dir / "report").glob("*.png")) == sorted(plots)
     examples = [i for i in seen["images"] if i["alt"].startswith("Pred: ")]
     assert len(examples) == 32  # the last step's 32 captioned validation images
