@@ -1,15 +1,27 @@
-"""Shared fixtures: tiny CIFAR-10 data in the official python format, offline W&B."""
+"""Shared fixtures: tiny CIFAR-10 data in the official python format, offline W&B, a warm worker, and one
+real sweep of our program that several test files read."""
 
+import os
 import pickle
+import subprocess
 import threading
 from pathlib import Path
+from types import SimpleNamespace
+
+# Before anything imports torch (its OpenMP reads this once). The test processes share two cores with the
+# trials they start: torch's default, a thread per core in every trial, oversubscribes the cores and its
+# idle threads spin (the suite ran 35% longer: 7 min 18 s against 5 min 25 s). One thread a trial, as
+# `agent local --workers 2` gives each of its trials on a 2-core box; test_warm.py runs one with the default.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
+import yaml
 
-from tests.fake_wandb import KEY, FakeWandb, isolated
+from agent.store import Store
 from agent.warm_client import WarmWorker
-from tests.helpers import fresh_env, wait_for
+from tests.fake_wandb import KEY, FakeWandb, isolated
+from tests.helpers import QUICK_VAL, agent_command, fresh_env, wait_for
 from tests.helpers import offline_env as offline_env_under
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -68,3 +80,36 @@ def warm_worker(tmp_path_factory):
     wait_for(worker.ready, "the warm worker", timeout=300, proc=worker.proc)
     yield worker
     worker.stop()
+
+
+HYPERBAND = pytest.mark.xdist_group("hyperband-sweep")
+# Two good learning rates, then a hopeless one (W&B's bar at a band is the median of the runs that reached
+# it: it takes three), with epochs long enough (12 batches) that the good ones beat chance at epoch 1. A
+# stop comes a band or two into the hopeless one's 6 epochs (its rows reach the controller within a second).
+HYPERBAND_SWEEP = {
+    "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
+    "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
+    "parameters": {"lr": {"values": [3.0e-3, 1.0e-3, 1.0e-7]}, "dataset": {"value": "synthetic"},
+                   "val_fraction": {"value": QUICK_VAL},
+                   "max_epochs": {"value": 6}, "limit_train_batches": {"value": 12},
+                   "early_stopping_patience": {"value": 6}},
+    "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]}
+
+
+@pytest.fixture(scope="session")
+def hyperband_sweep(tmp_path_factory) -> SimpleNamespace:
+    """`agent local` on HYPERBAND_SWEEP (synthetic data, --workers 2): its folder, environment and trials.
+    Its users (test_local.py's hyperband test, test_best.py) share the xdist group HYPERBAND, so it runs once."""
+    root = tmp_path_factory.mktemp("hyperband-sweep")
+    (root / "hb.yaml").write_text(yaml.safe_dump(HYPERBAND_SWEEP))
+    env = fresh_env(root)
+    out = subprocess.run(agent_command("local", "hb.yaml", "--workers", "2", "--dir", "D"), cwd=root, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return SimpleNamespace(dir=root / "D", env=env, trials=Store(root / "D" / "sweep.db", readonly=True).trials())
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tier first (xdist hands tests out in this order): the long end-to-end tests start early
+    and the quick ones fill in at the end, so the test processes finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import wandb
-import yaml
 
 from agent.best import best
 from agent.errors import UsageError
@@ -23,7 +22,10 @@ from cifar_core.data import CLASSES, normalize, synthetic_images, synthetic_spli
 from cifar_core.checkpoints import save_network
 from cifar_core.model import build_model
 from cifar_core.system import ImageClassifier
-from tests.helpers import agent_command, fresh_env, leet_summary
+from tests.conftest import HYPERBAND
+from tests.helpers import agent_command, leet_summary
+
+pytestmark = [pytest.mark.slow, HYPERBAND]  # the session's hyperband sweep: one xdist process runs them all
 
 # Run in a process where neither this checkout nor any installed copy of the project can be imported.
 CLEAN_CHECK = r"""
@@ -39,25 +41,15 @@ print(json.dumps({"predict": model.predict(x).tolist(), "argmax": model(x).argma
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """A real grid sweep of our program: two learning rates, synthetic data, two short epochs."""
-    root = tmp_path_factory.mktemp("best")
-    env = fresh_env(root)
-    (root / "grid.yaml").write_text(yaml.safe_dump({
-        "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
-        "parameters": {"lr": {"values": [3.0e-3, 1.0e-3]}, "dataset": {"value": "synthetic"},
-                       "max_epochs": {"value": 2}, "limit_train_batches": {"value": 5}},
-        "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]}))
-    out = subprocess.run(agent_command("local", "grid.yaml", "--workers", "2", "--dir", "D"), cwd=root, env=env,
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stdout + out.stderr
-    trials = Store(root / "D" / "sweep.db").trials()
-    assert [t.state for t in trials] == ["finished"] * 2 and all(t.metric is not None for t in trials), \
-        [(t.id, t.state, t.reason) for t in trials]
-    top = max(t.metric for t in trials)
-    winner = next(t for t in trials if t.metric == top)  # ties: the first, as `agent status` shows
-    [run_dir] = (root / "D" / "wandb").glob(f"offline-run-*-{winner.id}")
-    return SimpleNamespace(dir=root / "D", env=env, trial=winner, run_dir=run_dir, logged=leet_summary(run_dir))
+def sweep(hyperband_sweep):
+    """The session's real local sweep of our program (conftest.HYPERBAND_SWEEP): its best trial and its run."""
+    finished = [t for t in hyperband_sweep.trials if t.state in ("finished", "stopped") and t.metric is not None]
+    assert len(finished) >= 2, [(t.id, t.state, t.reason) for t in hyperband_sweep.trials]
+    top = max(t.metric for t in finished)
+    winner = next(t for t in finished if t.metric == top)  # ties: the first, as `agent status` shows
+    [run_dir] = (hyperband_sweep.dir / "wandb").glob(f"offline-run-*-{winner.id}")
+    return SimpleNamespace(dir=hyperband_sweep.dir, env=hyperband_sweep.env, trial=winner, run_dir=run_dir,
+                           logged=leet_summary(run_dir))
 
 
 def report(capsys, target, evaluate=False, export=None) -> dict:

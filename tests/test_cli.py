@@ -6,7 +6,7 @@ import pytest
 from agent.run import parse_flags
 from agent.validate import validate
 from tests.conftest import write_cifar
-from tests.helpers import REPO, agent_command, leet_records, records_of
+from tests.helpers import REPO, agent_command, fresh_env, leet_records, records_of
 
 
 def test_parse_flags_takes_every_form_wandb_args_macros_produce():
@@ -43,11 +43,15 @@ def test_run_help_lists_what_each_key_accepts_without_importing_torch():
     assert "typing" in imported and not {"torch", "lightning", "wandb"} & imported  # -X importtime answered
 
 
-def test_corrupt_data_file_exits_2_naming_it_and_finishes_the_run(tmp_path, offline_env):
+@pytest.mark.slow
+def test_corrupt_data_file_exits_2_naming_it_and_finishes_the_run(tmp_path, warm_worker):
     batch = write_cifar(tmp_path / "data") / "cifar-10-batches-py" / "data_batch_1"
     batch.write_bytes(batch.read_bytes()[:100])
+    # Through a warm worker, as under `agent local` and `agent launch`: the client relays the trial's
+    # stderr and exit code (a cold `agent run` reaches the same code in agent/run.py).
     out = subprocess.run(agent_command("run", f"--data_dir={tmp_path / 'data'}", "--max_epochs=1"),
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env=fresh_env(tmp_path, AGENT_WARM_SOCKET=warm_worker.socket))
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     # Lightning's Trainer prints its device lines first; ours is the one and last `agent run:` line.

@@ -4,11 +4,14 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from cifar_core.data import CLASSES
 from cifar_core.predictions import parse_caption
 from tests.helpers import agent_command, leet_records, leet_summary
 
 
+@pytest.mark.slow
 def test_agent_run_logs_config_metrics_images_and_best_model(cifar_dir, offline_env, tmp_path):
     out = subprocess.run(
         agent_command("run", f"--data_dir={cifar_dir}", "--max_epochs=2", "--limit_train_batches=3",

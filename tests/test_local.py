@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent.errors import UsageError
 from agent.local import trial_command
 from agent.store import Store
+from tests.conftest import HYPERBAND
 from tests.helpers import PROGRAMS, REPO, agent_command, leet_records, wait_for
 
 FOREIGN = PROGRAMS / "foreign_train.py"
@@ -54,6 +56,7 @@ def test_trial_command_expands_wandb_macros_like_the_agent(tmp_path):
         "/usr/bin/env", "python", "t.py", "--lr=0.01", "--nesterov=False", "--opt=sgd"]
 
 
+@pytest.mark.slow
 def test_foreign_bayes_sweep_runs_offline_on_two_workers(foreign_sweep, tmp_path):
     out = local(foreign_sweep, "--count", "6", "--workers", "2", "--dir", "D")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -72,12 +75,16 @@ def test_foreign_bayes_sweep_runs_offline_on_two_workers(foreign_sweep, tmp_path
         assert losses[-1] == pytest.approx(t["metric"])
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_loses_and_repeats_nothing(foreign_sweep, tmp_path, monkeypatch):
     monkeypatch.setenv("SLEEP", "0.4")
     command = agent_command("local", str(foreign_sweep), "--count", "6", "--workers", "2", "--dir", "D")
     controller = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     def two_finished_and_one_running() -> bool:
-        states = [t["state"] for t in status(tmp_path / "D")] if (tmp_path / "D" / "sweep.db").exists() else []
+        try:
+            states = [t.state for t in Store(tmp_path / "D" / "sweep.db", readonly=True).trials()]
+        except UsageError:  # no sweep.db yet, or not its tables yet
+            return False
         return states.count("finished") >= 2 and "running" in states
 
     wait_for(two_finished_and_one_running, "2 finished trials and a running one", proc=controller)
@@ -109,6 +116,7 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(foreign_sweep, tmp_path, m
         assert len(losses) == 3 and losses[-1] == pytest.approx(final[trial_id]["metric"])
 
 
+@pytest.mark.slow
 def test_two_controllers_on_one_dir_share_the_count_without_duplicates(foreign_sweep, tmp_path):
     command = agent_command("local", str(foreign_sweep), "--count", "6", "--dir", "D")
     first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -120,6 +128,7 @@ def test_two_controllers_on_one_dir_share_the_count_without_duplicates(foreign_s
     assert all(t["state"] == "finished" for t in trials)
 
 
+@pytest.mark.slow
 def test_gpus_pin_one_trial_per_listed_gpu(foreign_sweep, tmp_path):
     out = local(foreign_sweep, "--count", "2", "--gpus", "0,1", "--dir", "D")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -130,6 +139,7 @@ def test_gpus_pin_one_trial_per_listed_gpu(foreign_sweep, tmp_path):
         assert f"CUDA_VISIBLE_DEVICES {t['gpu']}" in log
 
 
+@pytest.mark.slow
 def test_failures_are_recorded_and_too_many_stop_the_sweep(foreign_sweep, tmp_path, monkeypatch):
     monkeypatch.setenv("FAIL_ABOVE", "-1")  # every trial exits 1
     out = local(foreign_sweep, "--count", "10", "--dir", "D", "--max-consecutive-failures", "2")
@@ -190,23 +200,12 @@ def test_a_misspelt_parameter_is_refused_before_any_trial(tmp_path, offline_env)
     assert "Traceback" not in out.stderr and not (tmp_path / "D").exists()
 
 
-def test_hyperband_stops_bad_trials_of_our_program_and_each_keeps_its_best_model(tmp_path, offline_env):
-    # Two good learning rates, then a hopeless one (W&B's bar at a band is the median of the runs that
-    # reached it: it takes three), with epochs long enough (12 batches) that the good ones beat chance at
-    # epoch 1. A stop comes a band or two into the hopeless one's 6 epochs (its rows reach the controller
-    # within a second).
-    sweep = write_yaml(tmp_path / "hb.yaml", {
-        "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
-        "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
-        "parameters": {"lr": {"values": [3.0e-3, 1.0e-3, 1.0e-7]}, "dataset": {"value": "synthetic"},
-                       "max_epochs": {"value": 6}, "limit_train_batches": {"value": 12},
-                       "early_stopping_patience": {"value": 6}},
-        "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]})
-    out = local(sweep, "--workers", "2", "--dir", "D", timeout=240)
-    assert out.returncode == 0, out.stdout + out.stderr
-    trials = status(tmp_path / "D")
-    assert [t["state"] for t in trials] == ["finished", "finished", "stopped"], trials
-    for t in trials:
-        [run_dir] = (tmp_path / "D" / "wandb").glob(f"offline-run-*-{t['id']}")
+@pytest.mark.slow
+@HYPERBAND
+def test_hyperband_stops_bad_trials_of_our_program_and_each_keeps_its_best_model(hyperband_sweep):
+    trials = [(t.id, t.state, t.reason) for t in hyperband_sweep.trials]
+    assert [state for _, state, _ in trials] == ["finished", "finished", "stopped"], trials
+    for trial_id, *_ in trials:
+        [run_dir] = (hyperband_sweep.dir / "wandb").glob(f"offline-run-*-{trial_id}")
         *_, final = [r["artifact"] for r in leet_records(run_dir) if r["type"] == "artifact"]
         assert "best" in final["aliases"] and final["type"] == "model" and "test_acc" in final["metadata"]

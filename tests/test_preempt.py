@@ -14,9 +14,10 @@ import pytest
 
 from agent.runlog import RunLogReader, find_run_file
 from cifar_core.checkpoints import find_resume_checkpoint
-from tests.helpers import agent_command, fresh_env, leet_records, records_of, run_dirs, wait_for
+from tests.helpers import QUICK_VAL, agent_command, fresh_env, leet_records, records_of, run_dirs, wait_for
 
-ARGS = ("run", "--dataset=synthetic", "--max_epochs=4", "--limit_train_batches=12", "--early_stopping_patience=10")
+ARGS = ("run", "--dataset=synthetic", f"--val_fraction={QUICK_VAL}", "--max_epochs=4", "--limit_train_batches=12",
+        "--early_stopping_patience=10")
 
 
 def start(tmp_path: Path, worker, run_id: str) -> subprocess.Popen:
@@ -45,6 +46,7 @@ def model_artifacts(records: list[dict]) -> list[dict]:
     return [a for a in records_of(records, "artifact") if a["type"] == "model"]
 
 
+@pytest.mark.slow
 def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that_epoch(tmp_path, warm_worker):
     first = start(tmp_path, warm_worker, "preempt01")
     wait_for_validation(tmp_path, "preempt01", 1, first)
@@ -74,6 +76,7 @@ def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that
 
 
 # A plain SIGTERM (exit 0) takes the same path: tests/test_wandb_agent.py sends it to a cold run.
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130)])
 def test_ctrl_c_ends_the_run_with_its_best_model_logged(tmp_path, warm_worker, signum, code):
     run = start(tmp_path, warm_worker, "ended01")

@@ -97,6 +97,7 @@ def recipe_run(offline_env, tmp_path, monkeypatch):
     return config, result
 
 
+@pytest.mark.slow
 def test_the_recipe_trains_in_a_normal_trial_and_its_best_model_scores_as_logged(recipe_run):
     config, result = recipe_run
     net, saved = load_network(result["best_checkpoint"])

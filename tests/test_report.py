@@ -21,6 +21,9 @@ from agent.store import Store, Trial
 from tests.conftest import write_cifar
 from tests.helpers import REPO, agent_command, fresh_env
 
+# One xdist process runs them all: the module's sweeps are made once.
+pytestmark = pytest.mark.xdist_group("report")
+
 FOREIGN = REPO / "tests" / "programs" / "foreign_train.py"
 PLOTS = ["metric_over_trials", "parallel_coordinates", "importance", "learning_curves"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -72,6 +75,7 @@ def ours_dir(quickstart) -> Path:
     return directory
 
 
+@pytest.mark.slow
 def test_the_readme_quickstart_runs_its_trials_and_prints_the_report_last(quickstart, ours_dir):
     args, out, _ = quickstart
     assert out.stdout.strip().splitlines()[-1] == f"report: {ours_dir / 'report.html'}"  # the line to click
@@ -117,6 +121,7 @@ def assert_self_contained(seen: dict):
     assert all(i["width"] > 0 and i["src"].startswith("data:image/png;base64") for i in seen["images"])
 
 
+@pytest.mark.slow
 def test_report_of_our_program_opens_offline_with_plots_and_prediction_images(ours_dir, tmp_path):
     path = write_report(ours_dir)
     assert path == ours_dir / "report.html"
@@ -138,6 +143,7 @@ def test_report_of_our_program_opens_offline_with_plots_and_prediction_images(ou
         shutil.copy(tmp_path / "report.png", os.environ["REPORT_SCREENSHOT"])
 
 
+@pytest.mark.slow
 def test_report_of_a_foreign_sweep_marks_failures_and_has_no_images(foreign_dir, tmp_path, capsys):
     assert report(str(foreign_dir)) == 0
     assert capsys.readouterr().out.strip() == str(foreign_dir / "report.html")
@@ -160,6 +166,7 @@ def test_report_of_a_foreign_sweep_marks_failures_and_has_no_images(foreign_dir,
            "noise-prone" in seen["text"]
 
 
+@pytest.mark.slow
 def test_stopped_and_running_trials_are_marked_and_metricless_ones_last(foreign_dir, tmp_path):
     copy = tmp_path / "D"
     shutil.copytree(foreign_dir, copy, ignore=shutil.ignore_patterns("wandb", "report*"))
@@ -216,6 +223,7 @@ def test_importance_of_enough_trials_has_no_warning_and_of_too_few_says_why():
         "Needs at least 3 finished trials with a loss; 2 so far; 4 stopped left out (stopped early")
 
 
+@pytest.mark.slow
 def test_a_sweep_with_no_trials_yet_gets_placeholders(foreign_dir, tmp_path):
     copy = tmp_path / "D"
     copy.mkdir()

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from agent.runlog import BLOCK, RunLogReader, find_run_file
-from tests.helpers import fresh_env, wait_for
+from tests.helpers import fresh_env, wait_for, wandb_reader
+
+pytestmark = pytest.mark.xdist_group("runlog")  # one xdist process: its finished run is made once
 
 # Logs the rows in LOGGED; a string longer than a 32 KiB block makes one record span blocks.
 FINISHED_SCRIPT = """
@@ -67,6 +69,14 @@ def test_finished_run_rows_equal_what_was_logged(finished_run):
     assert math.isnan(rows[3]["nan"])
     assert reader.finished and reader.exit_code == 0
     assert reader.poll() == []
+
+
+def test_the_suites_reader_prints_what_wandb_leet_inspect_prints(finished_run):
+    run_dir = find_run_file(finished_run, "finished1").parent
+    for flags in (["--json"], ["--summary", "--json"]):
+        cli = subprocess.run(["wandb", "leet", "inspect", *flags, str(run_dir)], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+        assert wandb_reader(run_dir, *flags) == cli and cli
 
 
 def test_find_run_file_missing_and_newest(finished_run, tmp_path):

@@ -14,9 +14,10 @@ import cifar_core.train as train_module
 from cifar_core.config import TrainConfig
 from cifar_core.stopping import INTERRUPT, PREEMPT, STOP, StopRequests
 from cifar_core.train import train
-from tests.helpers import leet_records, records_of
+from tests.helpers import QUICK_VAL, leet_records, records_of
 
-CONFIG = dict(dataset="synthetic", max_epochs=5, limit_train_batches=6, early_stopping_patience=10)
+CONFIG = dict(dataset="synthetic", val_fraction=QUICK_VAL, max_epochs=5, limit_train_batches=6,
+              early_stopping_patience=10)
 
 
 @pytest.fixture
@@ -44,6 +45,7 @@ def logged(result: dict) -> list[dict]:
     return [a for a in records_of(leet_records(run_dir), "artifact") if a["type"] == "model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hook", ["on_train_batch_start", "on_validation_batch_start"])
 def test_a_stop_during_training_or_validation_ends_fit_and_logs_the_tested_best(offline, hook):
     result = train(TrainConfig(**CONFIG), callbacks=[SignalAt(hook)])
@@ -53,6 +55,7 @@ def test_a_stop_during_training_or_validation_ends_fit_and_logs_the_tested_best(
     assert set(final["aliases"]) == {"best", "latest"} and "test_acc" in final["metadata"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["evaluate", "log_model_artifact"])
 def test_a_stop_during_the_test_or_the_artifact_upload_lets_them_finish(offline, monkeypatch, phase):
     target = train_module if phase == "evaluate" else train_module.BestModel
@@ -71,6 +74,7 @@ def test_a_stop_during_the_test_or_the_artifact_upload_lets_them_finish(offline,
     assert "test_acc" in logged(result)[-1]["metadata"]
 
 
+@pytest.mark.slow
 def test_wandbs_own_stop_is_a_stop_not_a_keyboard_interrupt(offline):
     requests = StopRequests()
 

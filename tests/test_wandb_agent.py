@@ -16,10 +16,12 @@ import pytest
 import yaml
 
 from agent.runlog import RunLogReader, find_run_file
-from tests.helpers import PROGRAMS, REPO, fresh_env, leet_records, records_of, run_dirs, wait_for
+from tests.helpers import PROGRAMS, QUICK_VAL, REPO, fresh_env, leet_records, records_of, run_dirs, wait_for
 
-ARGS = {"dataset": {"value": "synthetic"}, "limit_train_batches": {"value": 12}, "max_epochs": {"value": 4},
-        "early_stopping_patience": {"value": 10}}
+pytestmark = pytest.mark.slow
+
+ARGS = {"dataset": {"value": "synthetic"}, "val_fraction": {"value": QUICK_VAL}, "limit_train_batches": {"value": 12},
+        "max_epochs": {"value": 4}, "early_stopping_patience": {"value": 10}}
 PREEMPTED_EXIT = 128 + signal.SIGUSR1
 
 
