@@ -72,9 +72,13 @@ def fake_wandb(tmp_path, mocker):
     server.server_close()
 
 
+WARM = pytest.mark.xdist_group("warm-worker")
+
+
 @pytest.fixture(scope="session")
 def warm_worker(tmp_path_factory):
-    """One warm worker (agent/warm.py) for the session, as `agent local` and `agent launch` start one per slot."""
+    """One warm worker (agent/warm.py) for the session, as `agent local` and `agent launch` start one per slot.
+    Its users share the xdist group WARM: one test process starts it (10 s of imports) and runs them in turn."""
     root = tmp_path_factory.mktemp("warm-worker")
     worker = WarmWorker("tests", fresh_env(root), root / "worker.log")
     wait_for(worker.ready, "the warm worker", timeout=300, proc=worker.proc)

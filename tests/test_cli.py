@@ -5,7 +5,7 @@ import pytest
 
 from agent.run import parse_flags
 from agent.validate import validate
-from tests.conftest import write_cifar
+from tests.conftest import WARM, write_cifar
 from tests.helpers import REPO, agent_command, fresh_env, leet_records, records_of
 
 
@@ -44,6 +44,7 @@ def test_run_help_lists_what_each_key_accepts_without_importing_torch():
 
 
 @pytest.mark.slow
+@WARM
 def test_corrupt_data_file_exits_2_naming_it_and_finishes_the_run(tmp_path, warm_worker):
     batch = write_cifar(tmp_path / "data") / "cifar-10-batches-py" / "data_batch_1"
     batch.write_bytes(batch.read_bytes()[:100])

@@ -14,6 +14,7 @@ import pytest
 
 from agent.runlog import RunLogReader, find_run_file
 from cifar_core.checkpoints import find_resume_checkpoint
+from tests.conftest import WARM
 from tests.helpers import QUICK_VAL, agent_command, fresh_env, leet_records, records_of, run_dirs, wait_for
 
 ARGS = ("run", "--dataset=synthetic", f"--val_fraction={QUICK_VAL}", "--max_epochs=4", "--limit_train_batches=12",
@@ -47,6 +48,7 @@ def model_artifacts(records: list[dict]) -> list[dict]:
 
 
 @pytest.mark.slow
+@WARM
 def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that_epoch(tmp_path, warm_worker):
     first = start(tmp_path, warm_worker, "preempt01")
     wait_for_validation(tmp_path, "preempt01", 1, first)
@@ -77,6 +79,7 @@ def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that
 
 # A plain SIGTERM (exit 0) takes the same path: tests/test_wandb_agent.py sends it to a cold run.
 @pytest.mark.slow
+@WARM
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130)])
 def test_ctrl_c_ends_the_run_with_its_best_model_logged(tmp_path, warm_worker, signum, code):
     run = start(tmp_path, warm_worker, "ended01")

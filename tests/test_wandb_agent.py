@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from agent.runlog import RunLogReader, find_run_file
+from tests.conftest import WARM
 from tests.helpers import PROGRAMS, QUICK_VAL, REPO, fresh_env, leet_records, records_of, run_dirs, wait_for
 
 pytestmark = pytest.mark.slow
@@ -105,6 +106,7 @@ def run_record(root, run_id, attempt=-1):
     return records, exit_record.get("exit_code", 0)
 
 
+@WARM
 def test_stops_finish_runs_with_their_best_model_and_preemption_requeues_them(agent, tmp_path):
     server, proc = agent
 

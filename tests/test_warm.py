@@ -17,9 +17,10 @@ import pytest
 
 from agent.runlog import RunLogReader, find_run_file
 from agent.warm_client import WarmWorker
+from tests.conftest import WARM
 from tests.helpers import QUICK_VAL, agent_command, fresh_env, leet_records, records_of, run_dirs, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, WARM]
 
 TRIVIAL = ("run", "--dataset=synthetic", "--model=resnet9", "--width=8", "--max_epochs=1", "--limit_train_batches=2")
 LONG = ("run", "--dataset=synthetic", f"--val_fraction={QUICK_VAL}", "--max_epochs=4", "--limit_train_batches=12",
