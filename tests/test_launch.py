@@ -191,19 +191,20 @@ def test_max_restarts_zero_gives_up_at_once(monkeypatch, tmp_path, capsys):
 # --- signals -------------------------------------------------------------------------------------
 
 # An agent that reports itself up, then waits to be stopped; it records the signals it got, in order.
-# Like `wandb agent --forward-signals` it survives SIGUSR1 (it would pass it to its run).
+# Like `wandb agent --forward-signals` it survives SIGUSR1 (it would pass it to its run). It takes them
+# one at a time with sigwait: a Python handler can run inside another's first line, and a SIGTERM arriving
+# just after a SIGUSR1 then exited before the SIGUSR1 was written down (seen once in 6 suite runs).
 TRAPPING_AGENT = PRELUDE + """\
-def record(signum, frame):
+waited = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+(here / f"started-{gpu}").touch()
+signal.alarm(60)  # a safety net: never outlive the test for long
+while True:
+    signum = signal.sigwait(waited)
     with open(here / f"signals-{gpu}", "a") as f:
         f.write(signal.Signals(signum).name + "\\n")
     if signum != signal.SIGUSR1:
         sys.exit(0)
-for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-    signal.signal(signum, record)
-(here / f"started-{gpu}").touch()
-signal.alarm(60)  # a safety net: never outlive the test for long
-while True:
-    signal.pause()
 """
 
 # The real CLI, with agent_command pointed at the trapping agent.
