@@ -12,6 +12,8 @@ from pathlib import Path
 
 from wandb.util import get_core_path
 
+from agent.runlog import RunLogReader, find_run_file
+
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = REPO / "tests" / "programs"
 POLL = 0.05  # seconds between two looks at a handshake
@@ -74,6 +76,19 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 120,
             raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s")
         threading.Event().wait(POLL)
     return value
+
+
+def validated(wandb_dir: Path, run_id: str, epoch: int) -> Callable[[], bool]:
+    """A wait_for condition: the newest run `run_id` under `wandb_dir` has logged its validation of `epoch`."""
+    rows: list[dict] = []
+    readers: dict[Path, RunLogReader] = {}
+
+    def seen() -> bool:
+        path = find_run_file(wandb_dir, run_id)
+        if path is not None:
+            rows.extend(readers.setdefault(path, RunLogReader(path)).poll())
+        return any(r.get("epoch") == epoch and "val_acc" in r for r in rows)
+    return seen
 
 
 def fresh_env(root: Path, **extra: str) -> dict[str, str]:

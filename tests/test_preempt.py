@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.runlog import RunLogReader, find_run_file
 from cifar_core.checkpoints import find_resume_checkpoint
 from tests.conftest import WARM
-from tests.helpers import QUICK_VAL, agent_command, fresh_env, leet_records, records_of, run_dirs, wait_for
+from tests.helpers import (QUICK_VAL, agent_command, fresh_env, leet_records, records_of, run_dirs, validated,
+                           wait_for)
 
 ARGS = ("run", "--dataset=synthetic", f"--val_fraction={QUICK_VAL}", "--max_epochs=4", "--limit_train_batches=12",
         "--early_stopping_patience=10")
@@ -30,19 +30,6 @@ def run_env(tmp_path: Path, worker, run_id: str) -> dict[str, str]:
     return fresh_env(tmp_path, WANDB_RUN_ID=run_id, AGENT_WARM_SOCKET=worker.socket)
 
 
-def wait_for_validation(tmp_path: Path, run_id: str, epoch: int, proc: subprocess.Popen) -> None:
-    rows: list[dict] = []
-    readers: dict[Path, RunLogReader] = {}
-
-    def validated() -> bool:
-        path = find_run_file(tmp_path, run_id)
-        if path is not None:
-            rows.extend(readers.setdefault(path, RunLogReader(path)).poll())
-        return any(r.get("epoch") == epoch and "val_acc" in r for r in rows)
-
-    wait_for(validated, f"{run_id}'s validation of epoch {epoch}", proc=proc)
-
-
 def model_artifacts(records: list[dict]) -> list[dict]:
     return [a for a in records_of(records, "artifact") if a["type"] == "model"]
 
@@ -51,7 +38,7 @@ def model_artifacts(records: list[dict]) -> list[dict]:
 @WARM
 def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that_epoch(tmp_path, warm_worker):
     first = start(tmp_path, warm_worker, "preempt01")
-    wait_for_validation(tmp_path, "preempt01", 1, first)
+    wait_for(validated(tmp_path, "preempt01", 1), "preempt01's second validation", proc=first)
     first.send_signal(signal.SIGUSR1)
     stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 128 + signal.SIGUSR1, stderr[-2000:]
@@ -83,7 +70,7 @@ def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130)])
 def test_ctrl_c_ends_the_run_with_its_best_model_logged(tmp_path, warm_worker, signum, code):
     run = start(tmp_path, warm_worker, "ended01")
-    wait_for_validation(tmp_path, "ended01", 0, run)
+    wait_for(validated(tmp_path, "ended01", 0), "ended01's first validation", proc=run)
     run.send_signal(signum)
     stdout, stderr = run.communicate(timeout=120)
     assert run.returncode == code, stderr[-2000:]

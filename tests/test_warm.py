@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.runlog import RunLogReader, find_run_file
 from agent.warm_client import WarmWorker
 from tests.conftest import WARM
-from tests.helpers import QUICK_VAL, agent_command, fresh_env, leet_records, records_of, run_dirs, wait_for
+from tests.helpers import (QUICK_VAL, agent_command, fresh_env, leet_records, records_of, run_dirs, validated,
+                           wait_for)
 
 pytestmark = [pytest.mark.slow, WARM]
 
@@ -42,17 +42,6 @@ def start(worker: WarmWorker | None, tmp_path: Path, args, run_id: str, default_
         del env["OMP_NUM_THREADS"]
     return subprocess.Popen(agent_command(*args), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
-
-
-def validated(tmp_path: Path, run_id: str, epoch: int):
-    rows, readers = [], {}
-
-    def seen() -> bool:
-        path = find_run_file(tmp_path, run_id)
-        if path is not None:
-            rows.extend(readers.setdefault(path, RunLogReader(path)).poll())
-        return any(r.get("epoch") == epoch and "val_acc" in r for r in rows)
-    return seen
 
 
 def final_model(run_dir: Path) -> dict:
