@@ -14,7 +14,7 @@ from pydantic.fields import FieldInfo
 
 from agent.errors import RunEndedEarly, UsageError, describe_validation_error, did_you_mean
 from cifar_core.config import TrainConfig
-from cifar_core.stopping import EXIT_CODES, INTERRUPT, PREEMPT, StopRequests
+from cifar_core.stopping import EXIT_CODES, INTERRUPT, PREEMPT, StopRequests, completed_exit_code
 
 BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}  # pydantic's Field constraints, as help shows them
 
@@ -129,7 +129,7 @@ def run(argv: list[str]) -> dict:
         except BaseException:
             run.finish(exit_code=1)
             raise
-        run.finish(exit_code=EXIT_CODES[requests.reason])
+        run.finish(exit_code=completed_exit_code(requests.reason))
     if requests.reason == INTERRUPT:
         raise RunEndedEarly("interrupted; the best model so far is logged", EXIT_CODES[INTERRUPT])
     return result

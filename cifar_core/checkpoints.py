@@ -13,21 +13,21 @@ attempts, on disk or, after a move to another box, from the `resume-<id>` artifa
 """
 
 import math
-import signal
 import subprocess
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import wandb
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.callbacks import Checkpoint
 from torch import nn
 
 from cifar_core.model import build_model
-from cifar_core.stopping import PREEMPT, StopRequests
+from cifar_core.stopping import EARLY_STOPPING, PREEMPT, StopRequests
 
 BEST = "best.ckpt"
-RESUMABLE = ("preempt.ckpt", "last.ckpt")
+PREEMPT_CHECKPOINT = "preempt.ckpt"
+RESUMABLE = (PREEMPT_CHECKPOINT, "last.ckpt")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -128,18 +128,64 @@ class BestModel(pl.Callback):
         self.score, self.epoch, self.weights = state_dict["score"], state_dict["epoch"], state_dict["weights"]
 
 
-class EndFitOnRequest(pl.Callback):
-    """A request that came before fit began (Lightning forgets SIGTERMs from before fit) ends fit at
-    the first batch, as one during fit does; on a preemption, saves the full state before Lightning
-    tears down."""
+def end_fit(trainer: pl.Trainer) -> None:
+    """Lightning ends fit at its next check: after the current batch, of training or of validation."""
+    trainer._signal_connector.received_sigterm = True
+
+
+class EndFitOnRequest(Checkpoint):
+    """Ends fit where each request asks (stopping.py): a stop or an interrupt after the current batch, of
+    training or validation; a preemption only where a resume continues exactly, after saving the full
+    state there (preempt.ckpt): after the current training batch, or, for a notice in an epoch's last
+    batch or in its validation, at that epoch's end, the validation run to its end first.
+
+    Lightning's own SIGTERM handler would end fit at its next check, in mid-validation too, and the
+    checkpoints it leaves there are not ones its loops restart from: the resume skipped that validation
+    and EarlyStopping found no val_acc. So from on_train_start SIGTERM goes to StopRequests again and
+    this callback alone raises Lightning's flag. A Checkpoint: Lightning runs it after EarlyStopping and
+    ModelCheckpoint at an epoch's end, so the state saved there holds that epoch's early-stopping check."""
 
     def __init__(self, requests: StopRequests, preempt_path: Path):
         self.requests, self.preempt_path = requests, preempt_path
+        # How fit ended, in a state saved after it (its resume only tests and logs); None while fitting.
+        self.fit_ended_by: str | None = None
+        self.saved_at: str | None = None  # where the state was saved, in words
+
+    def save(self, trainer: pl.Trainer, where: str) -> None:
+        trainer.save_checkpoint(self.preempt_path)
+        self.saved_at = f"{where}, step {trainer.global_step}"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
-        if self.requests.reason is not None and self.requests.listening:
-            signal.raise_signal(signal.SIGTERM)
+        self.requests.listen()
+        # A SIGTERM that came while Lightning's handler was in place counts only as StopRequests says.
+        trainer._signal_connector.received_sigterm = False
+        if self.fit_ended_by:
+            trainer.should_stop = True
+        elif self.requests.reason not in (None, PREEMPT):  # came before fit: end after the first batch
+            end_fit(trainer)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException):
-        if isinstance(exception, SIGTERMException) and self.requests.reason == PREEMPT:
-            trainer.save_checkpoint(self.preempt_path)
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int):
+        if self.requests.reason == PREEMPT:
+            if batch_idx + 1 < trainer.num_training_batches:  # the last one waits for the epoch's end
+                self.save(trainer, f"after batch {batch_idx + 1} of epoch {trainer.current_epoch}")
+                end_fit(trainer)
+        elif self.requests.reason is not None:
+            end_fit(trainer)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args):
+        if self.requests.reason not in (None, PREEMPT):
+            end_fit(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        if self.requests.reason == PREEMPT:
+            self.fit_ended_by = EARLY_STOPPING if trainer.should_stop else None  # it ended fit at this epoch
+            self.save(trainer, f"at the end of epoch {trainer.current_epoch}")
+            end_fit(trainer)
+        elif self.requests.reason is not None:
+            end_fit(trainer)
+
+    def state_dict(self) -> dict:
+        return {"fit_ended_by": self.fit_ended_by}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.fit_ended_by = state_dict["fit_ended_by"]

@@ -9,12 +9,13 @@ they reach the device (`on_after_batch_transfer`).
 import codecs
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from cifar_core.fetch import BATCHES_DIR, DatasetError, fetch_cifar10
 
@@ -185,35 +186,41 @@ def translate_flip_batch(x: torch.Tensor, shift: int, flip: torch.Tensor | None)
     return x.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w)).gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffle of epoch `epoch`: a function of (seed, epoch) alone, drawn from no global generator, so
+    a run resumed mid-epoch takes the same order, and so does every process of a run."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed((seed << 20) + epoch))
+
+
 class TensorBatches:
     """Batches of in-memory tensors, each with its images' places in the split (alternating flips need
-    them): one shuffled index per epoch, then a slice + gather per batch. A DataLoader over the same
-    tensors spends most of its time turning index lists into tensors (bench/speed.py)."""
+    them): one order per epoch, then a slice + gather per batch. A DataLoader over the same tensors
+    spends most of its time turning index lists into tensors (bench/speed.py).
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool):
+    `position()` says where an iteration starts: (epoch, batch), read when Lightning starts it; a run
+    resumed mid-epoch continues with the batch after the last one it trained. With `num_workers`, worker
+    processes gather the batches (the same order)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0,
+                 num_workers: int = 0, position: Callable[[], tuple[int, int]] = lambda: (0, 0)):
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
+        self.seed, self.num_workers, self.position = seed, num_workers, position
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
     def __iter__(self):
+        epoch, first = self.position()
         n = len(self.labels)
-        order = torch.randperm(n, device=self.images.device) if self.shuffle else \
-            torch.arange(n, device=self.images.device)
-        for start in range(0, n, self.batch_size):
-            index = order[start:start + self.batch_size]
+        order = epoch_order(n, self.seed, epoch) if self.shuffle else torch.arange(n)
+        batches = list(order.to(self.images.device).split(self.batch_size))[first:]
+        if self.num_workers and not self.images.is_cuda:  # GPU tensors are gathered in place: no workers
+            # Workers each gather whole batches (TensorDataset takes a tensor of indices), no collate.
+            dataset = TensorDataset(self.images, self.labels, torch.arange(n))
+            yield from DataLoader(dataset, sampler=batches, batch_size=None, num_workers=self.num_workers)
+            return
+        for index in batches:
             yield self.images[index], self.labels[index], index
-
-
-def _batched_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
-                    num_workers: int) -> TensorBatches | DataLoader:
-    if num_workers == 0 or images.is_cuda:  # GPU tensors are gathered in place: no workers
-        return TensorBatches(images, labels, batch_size, shuffle)
-    # Workers each gather whole batches (TensorDataset takes a list of indices), no collate.
-    dataset = TensorDataset(images, labels, torch.arange(len(labels)))
-    sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
-    return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False),
-                      batch_size=None, num_workers=num_workers)
 
 
 class CIFAR10DataModule(pl.LightningDataModule):
@@ -266,14 +273,22 @@ class CIFAR10DataModule(pl.LightningDataModule):
                 tuple(t.to(device) for t in split) for split in (self.train_set, self.val_set, self.test_set))
             self.first_flips = self.first_flips.to(device)
 
+    def training_position(self) -> tuple[int, int]:
+        """Where Lightning's loops are when an epoch's iteration starts: (epoch, batch), the batch past 0
+        only when it restarts an epoch from a checkpoint saved in it."""
+        if self.trainer is None:
+            return 0, 0
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.ready if loop.restarting else 0
+
     def train_dataloader(self):
-        return _batched_loader(*self.train_set, self.batch_size, True, self.num_workers)
+        return TensorBatches(*self.train_set, self.batch_size, True, self.seed, self.num_workers, self.training_position)
 
     def val_dataloader(self):
-        return _batched_loader(*self.val_set, self.batch_size, False, self.num_workers)
+        return TensorBatches(*self.val_set, self.batch_size, False, num_workers=self.num_workers)
 
     def test_dataloader(self):
-        return _batched_loader(*self.test_set, self.batch_size, False, self.num_workers)
+        return TensorBatches(*self.test_set, self.batch_size, False, num_workers=self.num_workers)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels, index = batch

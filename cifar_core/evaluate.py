@@ -7,6 +7,8 @@ the same `TTA` module) all go through it. It runs outside Lightning's loops, so 
 meanwhile cannot abort it: a stopped trial still reports and logs its best model.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -46,14 +48,17 @@ class TTA(nn.Module):
 
 @torch.inference_mode()
 def predict(net: nn.Module, images: torch.Tensor, channels_last: bool = False, tta: int = 0, bf16: bool = False,
-            batch_size: int = 500) -> torch.Tensor:
-    """uint8 N x 3 x H x W -> float N x classes logits, on the net's device. bf16: as bf16-mixed trained."""
+            batch_size: int = 500, between_batches: Callable[[], None] | None = None) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> float N x classes logits, on the net's device. bf16: as bf16-mixed trained.
+    `between_batches` is called before each batch after the first (a preemption ends the pass there)."""
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
     model = TTA(net, tta)
     logits = []
     for start in range(0, len(images), batch_size):
+        if start and between_batches is not None:
+            between_batches()
         x = normalize(images[start:start + batch_size].to(device))
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             logits.append(model(x.contiguous(memory_format=torch.channels_last) if channels_last else x).float())
@@ -62,9 +67,10 @@ def predict(net: nn.Module, images: torch.Tensor, channels_last: bool = False, t
 
 
 def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int = 10,
-             channels_last: bool = False, tta: int = 0, bf16: bool = False) -> dict:
+             channels_last: bool = False, tta: int = 0, bf16: bool = False,
+             between_batches: Callable[[], None] | None = None) -> dict:
     """-> {"test_loss", "test_acc", "per_class_acc": [num_classes floats]}."""
-    logits = predict(net, images, channels_last, tta, bf16)
+    logits = predict(net, images, channels_last, tta, bf16, between_batches=between_batches)
     labels = labels.to(logits.device)
     hits = (logits.argmax(-1) == labels).cpu()
     correct = torch.bincount(labels.cpu()[hits], minlength=num_classes)

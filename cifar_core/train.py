@@ -7,37 +7,52 @@ when there is one (the agent's, so a sweep's values stay locked), else starts (a
 own. Resumes from an earlier attempt's checkpoint when the run id has one (checkpoints.py).
 
 Ending early (cifar_core/stopping.py says which signal asks what): on a stop or an interrupt,
-fit ends at the next batch and the best model so far is tested and logged as at the end; on a
-preemption, the full state is logged as `resume-<run id>`, the run is marked preempting and
-Preempted is raised, so that the run exits non-zero and W&B requeues it.
+fit ends after the current batch and the best model so far is tested and logged as at the end. On a
+preemption the full state is saved where a resume continues exactly as if nothing had happened
+(after the current training batch, at the end of the epoch, or after fit: checkpoints.EndFitOnRequest),
+logged as `resume-<run id>`, the run is marked preempting and Preempted is raised, so that the run
+exits non-zero and W&B requeues it.
 """
 
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 import wandb
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cifar_core.checkpoints import (BEST, BestModel, EndFitOnRequest, checkpoint_dir, find_resume_checkpoint, git_commit,
+from cifar_core.checkpoints import (BEST, PREEMPT_CHECKPOINT, BestModel, EndFitOnRequest, end_fit, checkpoint_dir, find_resume_checkpoint, git_commit,
                                     log_resume_artifact)
 from cifar_core.config import TrainConfig
 from cifar_core.data import CIFAR10DataModule
 from cifar_core.evaluate import evaluate, inference
 from cifar_core.predictions import log_predictions
-from cifar_core.stopping import EXIT_CODES, PREEMPT, StopRequests
+from cifar_core.stopping import (COMPLETED, DIVERGED, EARLY_STOPPING, EXIT_CODES, PREEMPT, StopRequests,
+                                 completed_exit_code)
 from cifar_core.system import ImageClassifier
 
+
+# Lightning warns that a mid-epoch resume replays the epoch unless the loader has state_dict(); ours
+# starts where Lightning's restored loop progress says (data.TensorBatches), so it does not.
+warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
 
 EXAMPLES = 32  # validation images logged with the best model's predictions, as the seed logged them
 
 
 class Preempted(Exception):
-    """A preemption notice ended fit: the state is saved and logged; exit non-zero so W&B requeues the run."""
+    """A preemption notice ended the run: the state is saved and logged; exit non-zero so W&B requeues it."""
+
+
+def preempted(run, ender: EndFitOnRequest, message: str) -> Preempted:
+    log_resume_artifact(run, ender.preempt_path)
+    run.mark_preempting()
+    return Preempted(message)
 
 
 def build_datamodule(config: TrainConfig) -> CIFAR10DataModule:
@@ -72,11 +87,34 @@ def train(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), requests: 
                      job_type="train", settings=wandb.Settings(stop_fn=requests.wandb_stop))
     try:
         result = fit_and_test(run, config, callbacks, requests)
-    except BaseException:
-        run.finish(exit_code=EXIT_CODES[PREEMPT] if requests.reason == PREEMPT else 1)
+    except BaseException as e:
+        run.finish(exit_code=EXIT_CODES[PREEMPT] if isinstance(e, Preempted) else 1)
         raise
-    run.finish(exit_code=EXIT_CODES[requests.reason])
+    run.finish(exit_code=completed_exit_code(requests.reason))
     return result
+
+
+class EndFitOnDivergence(pl.Callback):
+    """Ends fit once the training loss is not finite: every later step would be wasted. On the CPU each
+    step is checked; on an accelerator the first bad step is kept on the device and read every `every`
+    steps (reading it each step would wait for each step to finish), so fit ends up to `every` - 1
+    steps late, with the step it diverged at exact."""
+
+    def __init__(self, every: int = 10):
+        self.every = every
+        self.first_bad: torch.Tensor | None = None  # the 0-based step whose loss was not finite first, or -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int):
+        loss = outputs["loss"].detach()
+        step = trainer.global_step - 1
+        first_bad = self.first_bad if self.first_bad is not None else torch.tensor(-1, device=loss.device)
+        self.first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        if (loss.device.type == "cpu" or step % self.every == 0) and self.step is not None:
+            end_fit(trainer)
+
+    @property
+    def step(self) -> int | None:
+        return None if self.first_bad is None or self.first_bad < 0 else int(self.first_bad)
 
 
 class FitClock(pl.Callback):
@@ -101,12 +139,13 @@ def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], req
     early_stopping = EarlyStopping(monitor=config.monitor, mode=config.monitor_mode,
                                    patience=config.early_stopping_patience)
     clock = FitClock()
+    ender = EndFitOnRequest(requests, ckpt_dir / PREEMPT_CHECKPOINT)
+    divergence = EndFitOnDivergence()
     trainer = pl.Trainer(
         max_epochs=config.max_epochs,
         limit_train_batches=config.train_batches,
         logger=WandbLogger(experiment=run),
-        callbacks=[early_stopping, best, last, clock, EndFitOnRequest(requests, ckpt_dir / "preempt.ckpt"),
-                   *callbacks],
+        callbacks=[early_stopping, best, last, clock, ender, divergence, *callbacks],
         accelerator="auto",
         devices=1,
         precision=config.precision,
@@ -120,19 +159,35 @@ def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], req
         # weights_only: a resume checkpoint may come from a W&B artifact, and must not run code
         trainer.fit(system, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     except SIGTERMException:
-        if requests.reason == PREEMPT:
-            log_resume_artifact(run, ckpt_dir / "preempt.ckpt")
-            run.mark_preempting()
-            raise Preempted(f"preempted at epoch {trainer.current_epoch}; state saved") from None
+        if ender.saved_at:
+            raise preempted(run, ender, f"preempted {ender.saved_at}; state saved") from None
     fitted = time.perf_counter()
+    ended_by = ender.fit_ended_by or (
+        DIVERGED if divergence.step is not None else COMPLETED if trainer.current_epoch >= config.max_epochs
+        else EARLY_STOPPING if early_stopping.stopped_epoch else requests.reason or COMPLETED)
+    run.summary["ended_by"] = ended_by
+    if ended_by == DIVERGED:
+        run.summary["diverged_at_step"] = divergence.step
+
+    def unless_preempted(phase: str) -> None:
+        """After fit, a preemption notice ends the run before `phase`, with a state whose resume only tests
+        and logs (the test pass of a large set need not fit in W&B's kill delay)."""
+        if requests.reason == PREEMPT:
+            ender.fit_ended_by = ended_by
+            ender.save(trainer, f"after training, before {phase}")
+            raise preempted(run, ender, f"preempted {ender.saved_at}; state saved")
+
+    unless_preempted("the test pass")
     if best.weights is None:  # ended before the first validation: the current weights are all there is
         best.weights = {k: v.detach().to("cpu", copy=True) for k, v in system.net.state_dict().items()}
         best.epoch = trainer.current_epoch
     system.net.load_state_dict(best.weights)
-    test = evaluate(system.net, *datamodule.test_set, num_classes=len(datamodule.classes), **inference(config))
+    test = evaluate(system.net, *datamodule.test_set, num_classes=len(datamodule.classes), **inference(config),
+                    between_batches=lambda: unless_preempted("the end of the test pass"))
     test.pop("per_class_acc")
     trainer.logger.log_metrics(test, step=trainer.global_step)
     tested = time.perf_counter()
+    unless_preempted("logging")
     log_predictions(trainer.logger, system.net, *(t[:EXAMPLES] for t in datamodule.val_set), datamodule.classes,
                     trainer.global_step, **inference(config))
     best.save_and_log(system.network, **test)
@@ -147,8 +202,8 @@ def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], req
         f"best_{config.monitor}": best.score,
         "best_epoch": best.epoch,
         "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
         "resumed_from": str(resume_from) if resume_from else None,
-        "stopped_early": early_stopping.stopped_epoch > 0,
-        "ended_by": requests.reason,
+        "ended_by": ended_by,
         "best_checkpoint": str(best.path),
     }

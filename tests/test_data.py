@@ -4,9 +4,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from cifar_core.data import CIFAR10DataModule, DatasetError, augment_batch, read_batch
+from cifar_core.data import CIFAR10DataModule, DatasetError, TensorBatches, augment_batch, read_batch
 from tests.conftest import CLASS_NAMES, write_cifar
 
 
@@ -129,13 +128,18 @@ def test_a_decoded_cache_beside_the_batches_loads_the_same_data_and_follows_chan
     assert not torch.equal(setup_dm(root).test_set[0], first.test_set[0])
 
 
-def test_shuffled_batches_cover_every_image_once_per_epoch(cifar_dir):
+def test_each_epoch_shuffles_anew_and_a_resumed_epoch_continues_its_order(cifar_dir):
     dm = setup_dm(cifar_dir, batch_size=16)
-    loader = dm.train_dataloader()
-    labels = torch.cat([y for _, y, _ in loader])
-    assert len(loader) == 12 and len(labels) == 180
-    assert torch.equal(labels.sort().values, dm.train_set[1].sort().values)
-    assert not torch.equal(torch.cat([x for x, _, _ in loader]), torch.cat([x for x, _, _ in loader]))  # reshuffled
+    epoch = [0]
+    loader = TensorBatches(*dm.train_set, 16, shuffle=True, seed=dm.seed, position=lambda: (epoch[0], 0))
+    first = [i for _, _, i in loader]
+    assert len(loader) == len(first) == 12
+    assert torch.equal(torch.cat(first).sort().values, torch.arange(180))  # every image once
+    assert all(torch.equal(a, b) for a, b in zip(first, (i for _, _, i in loader)))  # an epoch's order is its own
+    epoch[0] = 1
+    assert not torch.equal(torch.cat(first), torch.cat([i for _, _, i in loader]))  # reshuffled
+    resumed = TensorBatches(*dm.train_set, 16, shuffle=True, seed=dm.seed, position=lambda: (0, 5))
+    assert all(torch.equal(a, b) for a, b in zip([i for _, _, i in resumed], first[5:], strict=True))
 
 
 def test_a_cache_cut_short_is_rebuilt_from_the_batches(tmp_path):
@@ -150,15 +154,8 @@ def test_a_cache_cut_short_is_rebuilt_from_the_batches(tmp_path):
 
 def test_worker_loaders_give_the_batches_the_in_process_ones_give(cifar_dir):
     in_process, workers = setup_dm(cifar_dir, batch_size=16), setup_dm(cifar_dir, batch_size=16, num_workers=1)
-    loader = workers.train_dataloader()
-    assert isinstance(loader, DataLoader) and len(loader) == len(in_process.train_dataloader()) == 12
-    epochs = [list(loader), list(loader)]
-    for batches in epochs:  # each epoch: every training image once
-        assert all(x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32) for x, _, _ in batches)
-        assert torch.equal(torch.cat([y for _, y, _ in batches]).sort().values, in_process.train_set[1].sort().values)
-        assert all(torch.equal(workers.train_set[0][i], x) for x, _, i in batches)
-    assert not torch.equal(*(torch.cat([x for x, _, _ in batches]) for batches in epochs))  # reshuffled
-    for a, b in zip(in_process.val_dataloader(), workers.val_dataloader(), strict=True):
-        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    for made in ("train_dataloader", "val_dataloader"):
+        for a, b in zip(getattr(in_process, made)(), getattr(workers, made)(), strict=True):
+            assert all(torch.equal(u, v) for u, v in zip(a, b))
     x, y = workers.on_after_batch_transfer(next(iter(workers.test_dataloader())), 0)
     assert x.dtype == torch.float32 and x.shape == (16, 3, 32, 32) and len(y) == 16

@@ -1,21 +1,31 @@
-"""`python -m agent run` and the signals a terminal or a box sends it, as a real process: a
-preemption notice saves and logs the training state and the same run id resumes it; Ctrl-C and a
-plain SIGTERM end it with its best model logged. Signals are sent once the run's own log shows
-the epoch the test waits for. Runs start through the session's warm worker, as under `agent local` and
-`agent launch` (the client relays each signal and exits as the trial did); test_wandb_agent.py sends a
-stop to a cold run."""
+"""Preemption and resume. As a real process (`python -m agent run` through the session's warm worker, as
+under `agent local` and `agent launch`): a notice saves and logs the training state, exits 138, and the same
+run id resumes it; Ctrl-C ends a run with its best model logged. Signals are sent once the run's own log shows
+the epoch the test waits for; test_wandb_agent.py sends a stop to a cold run.
 
+In-process, at every phase a notice can land in (the run signals itself from that phase's hook, so the moment
+is exact, not timed): the resumed run ends with the weights, the step count and the test metrics of a run that
+was never interrupted."""
+
+import os
+import re
 import signal
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
+import torch
+import wandb
 
+import cifar_core.train as train_module
 from cifar_core.checkpoints import find_resume_checkpoint
+from cifar_core.config import TrainConfig
+from cifar_core.train import Preempted, train
 from tests.conftest import WARM
-from tests.helpers import (QUICK_VAL, agent_command, fresh_env, leet_records, records_of, run_dirs, validated,
-                           wait_for)
+from tests.helpers import (QUICK_VAL, agent_command, fresh_env, leet_records, offline_env, records_of, run_dirs,
+                           validated, wait_for)
 
 ARGS = ("run", "--dataset=synthetic", f"--val_fraction={QUICK_VAL}", "--max_epochs=4", "--limit_train_batches=12",
         "--early_stopping_patience=10")
@@ -43,8 +53,10 @@ def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that
     stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 128 + signal.SIGUSR1, stderr[-2000:]
     last_line = stderr.strip().splitlines()[-1]
-    assert last_line.startswith("agent run: preempted at epoch ")
-    saved_epoch = int(last_line.split()[-3].rstrip(";"))  # "... preempted at epoch N; state saved"
+    where = re.fullmatch(r"agent run: preempted (after batch \d+ of|at the end of) epoch (\d+), step \d+; state saved",
+                         last_line)
+    assert where, last_line
+    saved_epoch = int(where[2]) + (where[1] == "at the end of")  # the first epoch the resume validates
     [first_dir] = run_dirs(tmp_path, "preempt01")
     assert (first_dir / "checkpoints" / "preempt.ckpt").is_file()
     records = leet_records(first_dir)
@@ -111,3 +123,112 @@ def test_a_local_rerun_resumes_from_its_earlier_attempts_last_checkpoint(tmp_pat
     assert find_resume_checkpoint(run) is None
     (earlier / "last.ckpt").write_bytes(b"")
     assert find_resume_checkpoint(run) == earlier / "last.ckpt"
+
+
+PHASE_CONFIG = TrainConfig(dataset="synthetic", val_fraction=QUICK_VAL, max_epochs=2, limit_train_batches=4,
+                           early_stopping_patience=10, augment=True, dropout=0.2)  # draws from the RNG every step
+LAST_BATCH = 3  # limit_train_batches - 1
+
+
+def notice():
+    os.kill(os.getpid(), signal.SIGUSR1)
+
+
+class NoticeAt(pl.Callback):
+    """Sends this process a preemption notice once, from `hook`, when `when(trainer, *args)` holds."""
+
+    def __init__(self, hook: str, when):
+        self.when, self.sent = when, False
+        setattr(self, hook, self.send)
+
+    def send(self, trainer, *args, **kwargs):
+        if not self.sent and self.when(trainer, *args):
+            self.sent = True
+            notice()
+
+
+def in_epoch_0(trainer, *args):
+    return trainer.current_epoch == 0
+
+
+def notice_during(monkeypatch, target, name: str, when=lambda *a, **kw: True):
+    """A notice at the start of `target.name`, the first time `when` holds for its arguments."""
+    original = getattr(target, name)
+    sent = []
+
+    def noticed(*args, **kwargs):
+        if not sent and when(*args, **kwargs):
+            sent.append(True)
+            notice()
+        return original(*args, **kwargs)
+    monkeypatch.setattr(target, name, noticed)
+
+
+PHASES = {  # name: what to install, for the first attempt
+    "wandb.init": lambda mp: notice_during(mp, train_module.wandb, "init"),
+    "setup, before the first batch": lambda mp: NoticeAt("setup", in_epoch_0),
+    "the first training batch": lambda mp: NoticeAt("on_train_batch_start", in_epoch_0),
+    "the last batch of an epoch": lambda mp: NoticeAt(
+        "on_train_batch_start", lambda trainer, module, batch, index: in_epoch_0(trainer) and index == LAST_BATCH),
+    "a validation pass": lambda mp: NoticeAt(
+        "on_validation_batch_start", lambda trainer, module, batch, index, *_: in_epoch_0(trainer) and index == 1),
+    "logging an improved model": lambda mp: notice_during(mp, train_module.BestModel, "save_and_log"),
+    "the test pass": lambda mp: notice_during(mp, train_module, "evaluate"),
+}
+
+
+def run_once(monkeypatch, run_id: str, callbacks=()) -> dict:
+    monkeypatch.setenv("WANDB_RUN_ID", run_id)
+    try:
+        return train(PHASE_CONFIG, callbacks=list(callbacks))
+    finally:
+        wandb.teardown()  # the next run reads WANDB_RUN_ID afresh
+
+
+def final_state(result: dict) -> tuple[dict, dict]:
+    checkpoint = torch.load(result["best_checkpoint"], weights_only=True)
+    return checkpoint["state_dict"], {k: result[k] for k in ("steps", "epochs", "best_epoch", "test_acc", "test_loss")}
+
+
+PREEMPT_PHASES = pytest.mark.xdist_group("preempt-phases")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in offline_env(root).items():
+            mp.setenv(key, value)
+        return final_state(run_once(mp, "straight"))
+
+
+@pytest.mark.slow
+@PREEMPT_PHASES
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_run_preempted_in_any_phase_resumes_to_the_result_of_an_uninterrupted_one(
+        phase, uninterrupted, offline_env, monkeypatch):
+    with monkeypatch.context() as mp:
+        callback = PHASES[phase](mp)
+        with pytest.raises(Preempted, match=r"preempted (after|at) .*; state saved"):
+            run_once(mp, "phased", [callback] if callback else [])
+    [first] = run_dirs(offline_env["WANDB_DIR"], "phased")
+    assert (first / "checkpoints" / "preempt.ckpt").is_file()
+    resumed = run_once(monkeypatch, "phased")
+    assert resumed["resumed_from"] == str(first / "checkpoints" / "preempt.ckpt")
+    weights, outcome = final_state(resumed)
+    expected_weights, expected_outcome = uninterrupted
+    assert outcome == expected_outcome
+    assert weights.keys() == expected_weights.keys()
+    assert all(torch.equal(weights[k], expected_weights[k]) for k in weights), "the weights differ"
+
+
+@pytest.mark.slow
+@PREEMPT_PHASES
+def test_a_notice_after_the_last_artifact_leaves_a_finished_run(offline_env, monkeypatch, uninterrupted):
+    notice_during(monkeypatch, train_module.BestModel, "save_and_log", when=lambda *a, **kw: "test_acc" in kw)
+    result = run_once(monkeypatch, "late")
+    assert final_state(result)[1] == uninterrupted[1]
+    [run_dir] = run_dirs(offline_env["WANDB_DIR"], "late")
+    records = leet_records(run_dir)
+    assert not records_of(records, "preempting")
+    assert [e.get("exit_code", 0) for e in records_of(records, "exit")] == [0]

@@ -12,9 +12,9 @@ import wandb
 
 import cifar_core.train as train_module
 from cifar_core.config import TrainConfig
-from cifar_core.stopping import INTERRUPT, PREEMPT, STOP, StopRequests
+from cifar_core.stopping import COMPLETED, DIVERGED, INTERRUPT, PREEMPT, STOP, StopRequests
 from cifar_core.train import train
-from tests.helpers import QUICK_VAL, leet_records, records_of
+from tests.helpers import QUICK_VAL, leet_records, leet_summary, records_of
 
 CONFIG = dict(dataset="synthetic", val_fraction=QUICK_VAL, max_epochs=5, limit_train_batches=6,
               early_stopping_patience=10)
@@ -70,7 +70,7 @@ def test_a_stop_during_the_test_or_the_artifact_upload_lets_them_finish(offline,
 
     monkeypatch.setattr(target, "evaluate" if phase == "evaluate" else "save_and_log", signal_first)
     result = train(TrainConfig(**{**CONFIG, "max_epochs": 2}))
-    assert calls and result["ended_by"] == STOP and result["epochs"] == 2
+    assert calls and result["ended_by"] == COMPLETED and result["epochs"] == 2  # training was not cut short
     assert "test_acc" in logged(result)[-1]["metadata"]
 
 
@@ -95,3 +95,11 @@ def test_a_preemption_is_never_downgraded_by_a_later_stop():
     for reason in (STOP, PREEMPT, STOP, INTERRUPT):
         requests.request(reason)
     assert requests.reason == PREEMPT
+
+
+@pytest.mark.slow
+def test_a_diverging_loss_ends_fit_at_once_and_the_run_says_so(offline):
+    result = train(TrainConfig(**{**CONFIG, "optimizer": "sgd", "lr": 1e6}))
+    assert result["ended_by"] == DIVERGED and result["epochs"] == 0 and result["steps"] <= 3
+    summary = leet_summary(os.path.dirname(os.path.dirname(result["best_checkpoint"])))["summary"]
+    assert summary["ended_by"] == DIVERGED and summary["diverged_at_step"] == result["steps"] - 1
