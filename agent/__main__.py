@@ -75,17 +75,34 @@ def validate_command(args) -> int:
     return validate(args.files)
 
 
+def write_report(directory):
+    from agent.report import write_report  # matplotlib loads only for --report
+
+    return write_report(directory)
+
+
 def local_command(args) -> int:
+    """The controller runs any W&B program; what is ours (the config checks, the data, warm workers that
+    import our code, resumable trials) is decided here."""
     from agent.launch import parse_gpus
     from agent.local import LocalSweep, open_sweep
     from agent.status import SweepView
+    from agent.validate import load_sweep, runs_our_program, sweep_problems
 
     gpus = parse_gpus(args.gpus, "local") if args.gpus else [None] * args.workers
-    store, sweep_id, sweep, root = open_sweep(args.sweep, args.dir, args.sweep_id)
+    sweep = load_sweep(args.sweep)
+    if problems := sweep_problems(sweep):
+        raise UsageError(f"{args.sweep}: " + "; ".join(problems))
+    ours = runs_our_program(sweep)
+    if ours:
+        from agent.run import prepare_sweep
+
+        prepare_sweep(sweep)
+    store, sweep_id, root = open_sweep(sweep, args.dir, args.sweep_id)
     return LocalSweep(store=store, sweep_id=sweep_id, sweep=sweep, root=root, gpus=gpus, count=args.count,
                       retry_crashed=args.retry_crashed, max_consecutive_failures=args.max_consecutive_failures,
-                      grace=args.grace, view=SweepView(sweep_id, sweep, root), report=args.report,
-                      warm=not args.cold).run()
+                      grace=args.grace, view=SweepView(sweep_id, sweep, root), warm=ours and not args.cold,
+                      resumes=ours, on_trial_end=write_report if args.report else None).run()
 
 
 def status_command(args) -> int:
@@ -115,6 +132,9 @@ def report_command(args) -> int:
 
 
 def best_command(args) -> int:
+    from agent.store import is_local_target
+
+    is_local_target(args.target)  # a wrong TARGET is told before torch loads
     from agent.best import best
 
     return best(args.target, args.evaluate, args.export)

@@ -29,11 +29,11 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from agent.errors import SWEEP_PATH, UsageError
+from agent.errors import UsageError
 from agent.run import make_config
 from agent.runlog import RunLogReader, find_run_files, history_row
 from agent.status import console
-from agent.store import open_store
+from agent.store import is_local_target, open_store
 from agent.trials import best_trial, is_number, sweep_metric
 from agent.wandb_errors import find_sweep, first_line, wandb_api, wandb_errors
 from cifar_core.checkpoints import BEST, checkpoint_dir, load_network
@@ -233,11 +233,7 @@ def export_torchscript(net: nn.Module, class_names, path: str, best: Best) -> No
 
 
 def find_best(target: str) -> Best:
-    if Path(target).is_dir():
-        return local_best(target)
-    if SWEEP_PATH.fullmatch(target):
-        return wandb_best(target)
-    raise UsageError(f"{target}: neither a local sweep directory nor ENTITY/PROJECT/SWEEP_ID")
+    return local_best(target) if is_local_target(target) else wandb_best(target)
 
 
 def best(target: str, evaluate: bool = False, export: str | None = None) -> int:

@@ -15,51 +15,23 @@ import select
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 from wandb.sdk.lib import config_util
 from wandb.sdk.lib.runid import generate_id
 
+from agent.engine import as_sweep_run, engine_config, plain, sweeps, trial_command
 from agent.errors import UsageError
+from agent.outcome import environment_error, outcome, own_error
 from agent.runlog import RunLogReader, find_run_file
 from agent.status import SweepView
 from agent.store import Store
 from agent.trials import LIVE, Trial, is_number, sweep_metric
-from agent.validate import DEFAULT_COMMAND, candidate_values, load_sweep, runs_our_program, sweep_problems, sweeps
 from agent.warm_client import READY_TIMEOUT, WarmWorker
-from cifar_core.config import TrainConfig
-from cifar_core.fetch import DatasetError, fetch_cifar10
 
 POLL_SECONDS = 0.5
-
-
-def engine_config(sweep: dict) -> dict:
-    """The YAML with W&B's schema defaults filled in, keeping the parameters as written
-    (the engine's validation drops nested ones)."""
-    filled = dict(sweeps.SweepConfig(sweep))
-    filled["parameters"] = sweep["parameters"]
-    return filled
-
-
-def plain(value):
-    """numpy scalars from the engine -> Python values that json and yaml can dump."""
-    return json.loads(json.dumps(value, default=lambda v: v.item()))
-
-
-def trial_command(sweep: dict, params: dict, args_json_file: Path) -> list[str]:
-    """The command `wandb agent` would run for these params, macros expanded as it does."""
-    variables = create_sweep_command_args({"args": params})
-    variables.update(env=["/usr/bin/env"], interpreter=["python"], program=[str(sweep.get("program"))],
-                     args_json_file=[str(args_json_file)])
-    command = []
-    for chunk in create_sweep_command([str(c) for c in sweep.get("command") or DEFAULT_COMMAND]):
-        if chunk.startswith("${") and chunk.endswith("}"):
-            command += variables.get(chunk[2:-1]) or []
-        else:
-            command.append(chunk)
-    return command
 
 
 def _die_with_parent():
@@ -68,32 +40,8 @@ def _die_with_parent():
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
 
 
-def fetch_data(sweep: dict) -> None:
-    """CIFAR-10 for the trials of our program, fetched once before the first starts (not by each at
-    once), or one line saying where it was looked for and how to fix it."""
-    if not runs_our_program(sweep):
-        return
-    parameters = sweep.get("parameters") or {}
-
-    def choices(name: str) -> list:
-        spec = parameters.get(name)
-        return candidate_values(spec) if spec else [TrainConfig.model_fields[name].get_default(call_default_factory=True)]
-
-    if "cifar10" not in choices("dataset"):
-        return
-    for data_dir in choices("data_dir"):
-        try:
-            fetch_cifar10(data_dir)
-        except DatasetError as e:
-            raise UsageError(str(e)) from None
-
-
-def open_sweep(path: str, directory: str | None, sweep_id: str | None = None) -> tuple[Store, str, dict, Path]:
-    sweep = load_sweep(path)
-    problems = sweep_problems(sweep)
-    if problems:
-        raise UsageError(f"{path}: " + "; ".join(problems))
-    fetch_data(sweep)
+def open_sweep(sweep: dict, directory: str | None, sweep_id: str | None = None) -> tuple[Store, str, Path]:
+    """The store of a validated sweep in DIR (made, or the same YAML's again to resume), its id and DIR."""
     sweep_id = sweep_id or generate_id(8)
     root = Path(directory) if directory else Path("sweeps-local") / sweep_id
     root.mkdir(parents=True, exist_ok=True)
@@ -106,24 +54,31 @@ def open_sweep(path: str, directory: str | None, sweep_id: str | None = None) ->
             raise UsageError(f"{root}: holds sweep {existing[0]} made from another YAML; use a new --dir")
         else:
             sweep_id = existing[0]
-    return store, sweep_id, sweep, root
+    return store, sweep_id, root
 
 
 @dataclass
 class Running:
-    """A started trial: its process, the reader of its run log once it exists, when it was told to stop."""
+    """A started trial: its process, the reader of its run log once it exists, when it was told to stop,
+    whether it was told to pause."""
     proc: subprocess.Popen
     reader: RunLogReader | None = None
     signalled_at: float | None = None
+    paused: bool = False
 
     def __post_init__(self):
         self.exited = os.pidfd_open(self.proc.pid)  # readable once the process has exited
 
 
 class LocalSweep:
+    """`warm`: a warm worker per slot (agent/warm.py; our program only). `resumes`: the program continues a
+    requeued trial from its saved state (ours): a pause sends it a preemption notice, and its metric history
+    goes on. `on_trial_end(DIR)`: called as each trial ends (the report: --report); its last return value is
+    printed last."""
+
     def __init__(self, *, store: Store, sweep_id: str, sweep: dict, root: Path, gpus: list[str | None],
                  count: int | None, retry_crashed: bool, max_consecutive_failures: int, grace: float,
-                 view: SweepView, report: bool, warm: bool):
+                 view: SweepView, warm: bool, resumes: bool, on_trial_end: Callable[[Path], Path] | None = None):
         self.store, self.sweep_id, self.sweep, self.root = store, sweep_id, sweep, root.resolve()
         self.engine = engine_config(sweep)
         self.metric = sweep_metric(sweep)[0]
@@ -132,12 +87,9 @@ class LocalSweep:
         self.gpus = gpus  # per worker slot: the GPU it pins (CUDA_VISIBLE_DEVICES) or None
         self.slot_trials: list[str | None] = [None] * len(gpus)  # per worker slot: its running trial
         self.retry_crashed, self.max_failures, self.grace = retry_crashed, max_consecutive_failures, grace
-        self.view = view
-        self.report = report
-        # A warm worker per slot for our program (agent/warm.py); a foreign program always starts cold.
-        self.warm = warm and runs_our_program(sweep)
+        self.view, self.warm, self.resumes, self.on_trial_end = view, warm, resumes, on_trial_end
         self.workers: list[WarmWorker | None] = [None] * len(gpus)
-        self.report_path: Path | None = None
+        self.last_report: Path | None = None
         self.controller = generate_id(12)
         self.procs: dict[str, Running] = {}
         self.signals_received = self.signals_handled = 0  # SIGINT/SIGTERM: the handler counts, the loop acts
@@ -153,8 +105,10 @@ class LocalSweep:
         self.store.register_controller(self.controller)
         for trial_id in self.store.reap_dead_controllers():
             self.view.event(f"{trial_id} crashed: its controller died")
-        if self.retry_crashed:
-            self.to_retry = [t.id for t in self.store.trials() if t.state == "crashed"]
+        trials = self.store.trials()
+        self.to_retry = [t.id for t in trials if t.state == "paused" or (self.retry_crashed and t.state == "crashed")]
+        if paused := sum(t.state == "paused" for t in trials):
+            self.view.event(f"resuming {paused} paused trial(s) first")
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             with self.view:
@@ -171,9 +125,10 @@ class LocalSweep:
                     self.view.update(self.store.trials())
                     # Wake as soon as a trial exits, so that the next one starts at once.
                     select.select([r.exited for r in self.procs.values()], [], [], POLL_SECONDS)
-                self.view.update(self.store.trials())
-            if self.report:  # the last line: where to look
-                self.view.event(f"report: {self.report_path or self.write_report()}")
+                trials = self.store.trials()
+                self.view.update(trials)
+            if self.on_trial_end is not None:  # the last line: where to look
+                self.view.event(f"report: {self.last_report or self.on_trial_end(self.root)}")
         finally:
             for worker in filter(None, self.workers):
                 worker.stop()
@@ -182,27 +137,36 @@ class LocalSweep:
             self.store.unregister_controller(self.controller)
         if self.interrupted:
             return 130
+        if not self.failure_message and any(t.state == "failed" for t in trials) and \
+                not any(t.state in ("finished", "stopped") for t in trials):
+            self.view.event(f"no trial finished; {sum(t.state == 'failed' for t in trials)} failed")
+            return 1
         return 1 if self.failure_message else 0
 
     def _on_signal(self, signum, frame):
         self.signals_received += 1
 
     def handle_signals(self):
-        """First SIGINT/SIGTERM: stop the running trials (SIGTERM, then SIGKILL after --grace); a second: kill them."""
+        """First SIGINT/SIGTERM: pause the running trials (ours save their state: a preemption notice; others
+        get a stop), SIGKILL after --grace; a second: kill them (ours resume from their last full epoch)."""
         if self.signals_received == self.signals_handled:
             return
         first = self.signals_handled == 0
         self.signals_handled = self.signals_received
         self.stopping = self.interrupted = True
         if first:
-            self.view.event("interrupted: stopping running trials (they are marked crashed; resume with "
-                            "--retry-crashed); interrupt again to kill them")
+            saving = "they save their state" if self.resumes else "they are stopped"
+            self.view.event(f"interrupted: pausing running trials ({saving}; the same command resumes them); "
+                            "interrupt again to kill them")
         else:
-            self.view.event("interrupted again: killing running trials")
+            self.view.event("interrupted again: killing running trials" +
+                            (" (they resume from their last full epoch)" if self.resumes else ""))
             self.grace = 0
         for running in self.procs.values():
+            running.paused = True
             if running.signalled_at is None or not first:
-                self._signal(running.proc, signal.SIGTERM if first else signal.SIGKILL)
+                pause = signal.SIGUSR1 if self.resumes else signal.SIGTERM
+                self._signal(running.proc, pause if first else signal.SIGKILL)
                 running.signalled_at = running.signalled_at or time.time()
 
     # trials
@@ -222,9 +186,11 @@ class LocalSweep:
             trials = self.store.trials()
             while self.to_retry:
                 retry = self.store.trial(self.to_retry.pop(0))
-                if retry.state == "crashed":
+                if retry.state in ("paused", "crashed"):
+                    # A program that resumes goes on from its saved epoch: its metric history goes on too.
+                    kept = {} if self.resumes else {"history": [], "metric": None}
                     self.store.update(retry.id, state="pending", controller=self.controller, reason=None,
-                                      history=[], metric=None, stop_requested=None, exit_code=None)
+                                      stop_requested=None, exit_code=None, **kept)
                     return self.store.trial(retry.id)
             if self.limit is not None and len(trials) >= self.limit:
                 self.exhausted = True
@@ -294,24 +260,27 @@ class LocalSweep:
         return env
 
     def start_workers(self):
-        """A warm worker per slot, ready before the first trial (a trial that found none would start cold)."""
+        """A warm worker per slot, ready before the first trial (a trial that found none would start cold).
+        One that cannot import what every trial imports is an error before the first trial."""
         (self.root / "logs").mkdir(exist_ok=True)
         if not self.warm:
             return
         self.view.event(f"starting {len(self.gpus)} warm worker(s): torch, Lightning and wandb are imported "
                         "once per slot, not once per trial")
-        self.workers = [WarmWorker(f"slot{i}", self.slot_env(i), self.root / "logs" / f"warm-slot{i}.log")
-                        for i in range(len(self.gpus))]
+        logs = [self.root / "logs" / f"warm-slot{i}.log" for i in range(len(self.gpus))]
+        self.workers = [WarmWorker(f"slot{i}", self.slot_env(i), log) for i, log in enumerate(logs)]
         deadline = time.monotonic() + READY_TIMEOUT
         while any(w.ready() is None for w in self.workers) and time.monotonic() < deadline \
                 and self.signals_received == 0:
             select.select([], [], [], 0.05)
         for i, worker in enumerate(self.workers):
             if not worker.ready():
-                self.view.event(f"slot {i}: no warm worker (see {self.root}/logs/warm-slot{i}.log); its trials "
-                                "start cold")
                 worker.stop()
                 self.workers[i] = None
+                why = own_error(logs[i].read_text(errors="replace")) if logs[i].exists() else "no output"
+                if broken := environment_error(why):
+                    raise UsageError(f"the sweep's program cannot start here: {broken} (from {logs[i]})")
+                self.view.event(f"slot {i}: no warm worker ({why}; {logs[i]}); its trials start cold")
 
     def poll_trials(self):
         for trial_id, running in list(self.procs.items()):
@@ -321,7 +290,7 @@ class LocalSweep:
                 self._record_metrics(trial_id, running.reader)
             trial = self.store.trial(trial_id)
             if code is not None:
-                self._finish(trial, code)
+                self._finish(trial, code, running)
             elif trial.stop_requested and running.signalled_at is None:
                 self._signal(running.proc, signal.SIGTERM)
                 running.signalled_at = time.time()
@@ -338,45 +307,35 @@ class LocalSweep:
             history = self.store.trial(trial_id).history + values
             self.store.update(trial_id, history=history, metric=float(history[-1]) if is_number(history[-1]) else None)
 
-    def _finish(self, trial: Trial, code: int):
+    def _finish(self, trial: Trial, code: int, running: Running):
         os.close(self.procs.pop(trial.id).exited)
         self.slot_trials[self.slot_trials.index(trial.id)] = None
-        if self.interrupted:
-            state, reason = "crashed", "interrupted"
-        elif trial.stop_requested:
-            state, reason = "stopped", "early-terminated by hyperband"
-        elif code != 0:
-            state, reason = "failed", f"exit code {code}: {self._last_log_line(trial.id)}"
-        elif self.metric and trial.metric is None:
-            state, reason = "failed", f"{self.metric} is NaN or infinite" if trial.history else f"no {self.metric} logged"
-        else:
-            state, reason = "finished", None
+        output = (self.root / "logs" / f"{trial.id}.log").read_text(errors="replace")
+        summary = running.reader.summary if running.reader is not None else {}
+        state, reason = outcome(code, trial.stop_requested is not None, running.paused, summary, self.metric,
+                                trial.metric, trial.history, output)
         self.store.update(trial.id, state=state, reason=reason, exit_code=code, ended=time.time())
         self.view.event(f"{trial.id} {state}" + (f": {reason}" if reason else ""))
-        if self.report:
-            self.write_report()
+        if self.on_trial_end is not None:
+            self.last_report = self.on_trial_end(self.root)
         if state == "failed":
             self._count_failure(trial.id, reason)
         else:
             self.consecutive_failures = 0
 
-    def write_report(self) -> Path:
-        from agent.report import write_report  # matplotlib loads only for --report
-
-        self.report_path = write_report(self.root)
-        return self.report_path
-
     def _count_failure(self, trial_id: str, reason: str):
         self.consecutive_failures += 1
-        if self.consecutive_failures >= self.max_failures and not self.stopping:
+        if self.stopping:
+            return
+        if broken := environment_error(reason):  # the next trials would fail the same way
+            self.stopping = True
+            self.failure_message = f"stopping: the sweep's program cannot run here: {trial_id}: {broken}"
+        elif self.consecutive_failures >= self.max_failures:
             self.stopping = True
             self.failure_message = (f"stopping: {self.consecutive_failures} trials failed in a row "
                                     f"(--max-consecutive-failures); last: {trial_id}: {reason}")
+        if self.failure_message:
             self.view.event(self.failure_message)
-
-    def _last_log_line(self, trial_id: str) -> str:
-        lines = (self.root / "logs" / f"{trial_id}.log").read_text(errors="replace").strip().splitlines()
-        return lines[-1][-300:] if lines else "no output"
 
     @staticmethod
     def _signal(proc: subprocess.Popen, signum: int):
@@ -395,14 +354,3 @@ class LocalSweep:
             if run.name in live:
                 self.store.update(run.name, stop_requested=time.time())
                 self.view.event(f"{run.name} stopping: hyperband")
-
-
-ENGINE_STATES = {"stopped": "finished"}  # W&B marks a run that exits cleanly after a stop finished
-
-
-def as_sweep_run(trial: Trial, metric: str | None) -> "sweeps.SweepRun":
-    history = [{metric: v} for v in trial.history] if metric else []
-    summary = {metric: trial.metric} if metric and trial.metric is not None else {}
-    return sweeps.SweepRun(name=trial.id, state=ENGINE_STATES.get(trial.state, trial.state),
-                           config=trial.params, history=history, summary_metrics=summary,
-                           stopped=trial.stop_requested is not None)

@@ -18,7 +18,8 @@ TOP_CURVES, MIN_FOR_IMPORTANCE = 5, 3
 TRUSTED_IMPORTANCE = 10
 # Why a trial with a metric is not ranked: its value was not measured at the end of a full training.
 CUT_SHORT = {"stopped": "stopped early: its last value is an early one, not comparable with a finished trial's",
-             "running": "not done", "failed": "ended part-way", "crashed": "ended part-way"}
+             "running": "not done", "paused": "paused part-way", "failed": "ended part-way",
+             "crashed": "ended part-way"}
 
 
 # the plots: each a Figure, or None when there is nothing to draw yet

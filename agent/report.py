@@ -24,11 +24,11 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from agent.errors import SWEEP_PATH, UsageError
+from agent.outcome import diverged
 from agent.plots import importance, importance_chart, learning_curves, metric_over_trials, parallel_coordinates
 from agent.runlog import RunLogReader, find_run_file
 from agent.status import console, summary_line, trial_table
-from agent.store import open_store
+from agent.store import is_local_target, open_store
 from agent.trials import (STATE_COLORS, STATES, Trial, best_trial, is_number, ranked, short, state_counts,
                           sweep_metric, swept)
 from agent.wandb_errors import find_sweep, wandb_api
@@ -199,7 +199,7 @@ def wandb_report(path: str) -> int:
         runtime = run.summary.get("_runtime")
         state = run.state if run.state in STATES else WANDB_STATES.get(run.state, "crashed")
         trials.append(Trial(id=run.id, params={k: {"value": v} for k, v in dict(run.config).items()}, state=state,
-                            metric=float(value) if is_number(value) else None,
+                            metric=float(value) if is_number(value) else None, reason=diverged(dict(run.summary)),
                             started=0.0 if is_number(runtime) and runtime > 0 else None,
                             ended=float(runtime) if is_number(runtime) and runtime > 0 else None))
     params = swept(config)
@@ -213,9 +213,7 @@ def wandb_report(path: str) -> int:
 
 def report(target: str) -> int:
     """`python -m agent report`: a local sweep's HTML report, or a W&B sweep's table in the terminal."""
-    if (Path(target) / "sweep.db").is_file():
+    if is_local_target(target):
         print(write_report(Path(target)))
         return 0
-    if SWEEP_PATH.fullmatch(target) and not Path(target).exists():
-        return wandb_report(target)
-    raise UsageError(f"{target}: neither a local sweep folder (no sweep.db in it) nor ENTITY/PROJECT/SWEEP_ID")
+    return wandb_report(target)

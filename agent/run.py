@@ -6,6 +6,7 @@ override the flags and defaults), validates the run's final config, and trains.
 A bad key, value or data file exits 2 with one line (a misspelt key: the close ones).
 """
 
+import itertools
 import os
 from typing import Literal, get_args, get_origin
 
@@ -80,22 +81,37 @@ def seconds_since_process_start() -> float:
         return float(f.read().split()[0]) - started
 
 
-def fetch_data(config: TrainConfig) -> None:
-    """CIFAR-10 in place (fetched once per box), or one line saying where it was looked for."""
+def fetch_data(config: TrainConfig, in_sweep: bool = False) -> None:
+    """CIFAR-10 in place (fetched once per box), or one line saying where it was looked for and what fixes
+    it: as flags, or as the sweep's parameters when the config comes from a sweep."""
     from cifar_core.fetch import DatasetError, fetch_cifar10  # the standard library only: no torch
 
     if config.dataset == "cifar10":
         try:
             fetch_cifar10(config.data_dir)
         except DatasetError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(e.in_sweep() if in_sweep else str(e)) from None
+
+
+DATA_FIELDS = ("dataset", "data_dir")  # what decides the data a trial reads
+
+
+def prepare_sweep(sweep: dict) -> None:
+    """The data of a sweep of our program, fetched once before its first trials (not by each at once), or
+    one line saying what is missing. Ranges are left to the trials (they share the fetch's lock)."""
+    from agent.validate import candidate_values
+
+    parameters = sweep.get("parameters") or {}
+    choices = [candidate_values(parameters[name]) if name in parameters else [None] for name in DATA_FIELDS]
+    for values in itertools.product(*choices):
+        fetch_data(make_config({k: v for k, v in zip(DATA_FIELDS, values) if v is not None}), in_sweep=True)
 
 
 def run(argv: list[str]) -> dict:
     """Trains; raises RunEndedEarly when a preemption or Ctrl-C must set a non-zero exit code."""
     config = make_config(parse_flags(argv))  # fail before any run exists
     with StopRequests() as requests:  # from here on a stop is never lost, even during imports and wandb.init
-        fetch_data(config)
+        fetch_data(config, in_sweep=bool(os.environ.get("WANDB_SWEEP_ID")))
         import wandb
 
         started_init = seconds_since_process_start()
@@ -107,7 +123,7 @@ def run(argv: list[str]) -> dict:
         try:
             # Under a sweep the run's config holds the sweep's values; validate what will train.
             config = make_config(dict(run.config))
-            fetch_data(config)
+            fetch_data(config, in_sweep=bool(os.environ.get("WANDB_SWEEP_ID")))
         except UsageError:
             run.finish(exit_code=2)
             raise

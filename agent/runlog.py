@@ -50,6 +50,7 @@ class RunLogReader:
         self.path = Path(path)
         self.offset = 0  # file offset just past the last record read whole (0: header not read yet)
         self.exit_code: int | None = None  # from the run's exit record, once written
+        self.summary: dict[str, Any] = {}  # what the run has set in its summary so far (run.summary[...] = ...)
 
     @property
     def finished(self) -> bool:
@@ -77,7 +78,8 @@ class RunLogReader:
             yield record
 
     def poll(self) -> list[dict[str, Any]]:
-        """History rows ({key: value}, nested keys joined by '.') appended since the last poll, in order."""
+        """History rows ({key: value}, nested keys joined by '.') appended since the last poll, in order;
+        summary updates go to `self.summary` on the way."""
         rows = []
         for record in self.records():
             kind = record.WhichOneof("record_type")
@@ -85,6 +87,8 @@ class RunLogReader:
                 self.exit_code = record.exit.exit_code
             elif kind == "history":
                 rows.append(history_row(record.history))
+            elif kind == "summary":
+                self.summary.update(history_row(record.summary))
         return rows
 
     def _complete_records(self, data: bytes, base: int) -> Iterator[bytes]:
@@ -121,6 +125,8 @@ class RunLogReader:
                 parts = []
 
 
-def history_row(history: pb.HistoryRecord) -> dict[str, Any]:
+def history_row(record: pb.HistoryRecord | pb.SummaryRecord) -> dict[str, Any]:
+    """A history row, or a summary update, as {key: value}."""
     # wandb-core fills nested_key ("a.b" is ["a", "b"]); the legacy writer filled key
-    return {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in history.item}
+    items = record.item if isinstance(record, pb.HistoryRecord) else record.update
+    return {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in items}

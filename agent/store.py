@@ -15,7 +15,7 @@ import time
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from agent.errors import UsageError
+from agent.errors import SWEEP_PATH, UsageError
 from agent.trials import LIVE, Trial
 
 SCHEMA = """
@@ -170,6 +170,18 @@ class Store:
             for trial_id in orphans:
                 self.update(trial_id, state="crashed", reason="its controller died", ended=now)
         return orphans
+
+
+def is_local_target(target: str) -> bool:
+    """Whether TARGET of status, report and best names a local sweep (True) or a W&B one (False); neither is
+    one line. Light (no torch), so that a wrong TARGET is answered at once."""
+    if (Path(target) / "sweep.db").is_file():
+        return True
+    if Path(target).is_dir():
+        raise UsageError(f"{target}: no local sweep here (expected {Path(target) / 'sweep.db'})")
+    if SWEEP_PATH.fullmatch(target):
+        return False
+    raise UsageError(f"{target}: neither a local sweep folder (no sweep.db in it) nor ENTITY/PROJECT/SWEEP_ID")
 
 
 def open_store(directory: str) -> Store:

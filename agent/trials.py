@@ -6,11 +6,12 @@ import math
 import time
 from dataclasses import dataclass, field
 
-STATES = ("finished", "running", "pending", "failed", "crashed", "stopped")  # in the order tables count them
+# in the order tables count them; paused: saved its state on Ctrl-C, resumed by the same command
+STATES = ("finished", "running", "pending", "paused", "failed", "crashed", "stopped")
 LIVE = ("pending", "running")
 # One colour per state for the terminal table, the report's page and its plots alike.
-STATE_COLORS = {"finished": "#2a9d4b", "running": "#1f8fc8", "pending": "#999999", "failed": "#d62728",
-                "crashed": "#a03cb4", "stopped": "#d08c00"}
+STATE_COLORS = {"finished": "#2a9d4b", "running": "#1f8fc8", "pending": "#999999", "paused": "#6a5acd",
+                "failed": "#d62728", "crashed": "#a03cb4", "stopped": "#d08c00"}
 
 
 @dataclass

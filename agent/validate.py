@@ -19,26 +19,23 @@ having trained nothing; the others lack the `run` command or the package on the 
 
 import math
 import re
-import warnings
 from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
 
+from agent.engine import DEFAULT_COMMAND, engine_problems, schema_problems
 from agent.errors import UsageError, describe_validation_error, did_you_mean
 from cifar_core.config import LOGGED_METRICS, MONITORS, TrainConfig
-
-with warnings.catch_warnings():  # sweeps 0.3 imports with a pydantic-v1 config warning
-    warnings.simplefilter("ignore")
-    import sweeps
 
 # Ranges checkable at their ends, and those given in log space (natural log) among them.
 BOUNDED = {"uniform", "q_uniform", "int_uniform", "log_uniform_values", "q_log_uniform_values",
            "log_uniform", "q_log_uniform"}
 LOG_SPACE = {"log_uniform", "q_log_uniform"}
 
-DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # W&B's agent's, without `command:`
-USE_OUR_COMMAND = "use command: [${env}, ${interpreter}, -m, agent, run, ${args}] as in sweeps/bayes.yaml"
+# As a block list: in YAML's flow form, [${env}, ...], each `{` would start a mapping.
+USE_OUR_COMMAND = "use the command of sweeps/bayes.yaml, a block list: `command:` then the lines `- ${env}`, " \
+                  "`- ${interpreter}`, `- -m`, `- agent`, `- run`, `- ${args}`"
 # The items W&B's agent replaces (wandb_agent.py, create_sweep_command_args); it turns any other
 # `${...}` item into nothing, and leaves a macro inside a longer item as it is.
 FLAG_MACROS = ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags", "args_json", "args_json_file",
@@ -60,12 +57,24 @@ def load_sweep(path: str) -> dict:
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise UsageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
     if config is None:
         raise UsageError(f"{path}: empty; expected sweep settings (method, metric, parameters, command)")
     if not isinstance(config, dict):
         raise UsageError(f"{path}: expected a mapping of sweep settings, got {type(config).__name__}")
     return config
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """The parser's first line, and the fix where a macro in a flow list, [${env}, ...], is the cause."""
+    first = str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    line = mark.buffer.splitlines()[mark.line] if mark is not None and mark.buffer else ""
+    if "flow" in first and "${" in line:
+        return (f"{first}, line {mark.line + 1}: inside [...] a `{{` starts a mapping, so ${{...}} macros there "
+                f"must be quoted (\"${{env}}\") or the list written as a block, one `- ${{env}}` per line, "
+                f"as sweeps/bayes.yaml does")
+    return first
 
 
 def command_items(sweep: dict) -> list[str]:
@@ -192,8 +201,10 @@ def sweep_problems(sweep: dict) -> list[str]:
         parameters[str(name)] = spec
     if written is not None:
         config["parameters"] = parameters
-    problems += sweeps.schema_violations_from_proposed_config(config)
+    problems += schema_problems(config)
     problems += command_problems(sweep) + metric_required(sweep)
+    if not problems:  # the engine's own checks assume a schema-valid sweep
+        problems += engine_problems(config)
     if runs_our_program(sweep):
         problems += our_command_problems(sweep)
         for name, spec in parameters.items():

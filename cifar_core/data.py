@@ -279,10 +279,12 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if self.trainer is None:
             return 0, 0
         loop = self.trainer.fit_loop
-        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.ready if loop.restarting else 0
+        batch = loop.epoch_loop.batch_progress.current.ready if loop.restarting else 0
+        return loop.epoch_progress.current.processed, batch
 
     def train_dataloader(self):
-        return TensorBatches(*self.train_set, self.batch_size, True, self.seed, self.num_workers, self.training_position)
+        return TensorBatches(*self.train_set, self.batch_size, True, self.seed, self.num_workers,
+                             self.training_position)
 
     def val_dataloader(self):
         return TensorBatches(*self.val_set, self.batch_size, False, num_workers=self.num_workers)

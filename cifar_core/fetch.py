@@ -25,7 +25,20 @@ TIMEOUT_S = 20  # per connect and per read: an unreachable server fails a trial 
 
 
 class DatasetError(Exception):
-    """Data missing, unreachable or not in the CIFAR-10 python format; the message is one line naming the file."""
+    """Data missing, unreachable or not in the expected format: one line naming the file. Where config
+    settings would fix it, `fix` is a template naming them ({0}, ...: `settings`), said as flags
+    (`--dataset=synthetic`) by str() and as sweep parameters by `in_sweep()`."""
+
+    def __init__(self, problem: str, fix: str = "", settings: tuple[tuple[str, str], ...] = ()):
+        self.problem, self.fix, self.settings = problem, fix, settings
+        super().__init__(self.render(lambda key, value: f"--{key}={value}"))
+
+    def render(self, setting) -> str:
+        fix = self.fix.format(*(setting(key, value) for key, value in self.settings))
+        return f"{self.problem}; fix: {fix}" if fix else self.problem
+
+    def in_sweep(self) -> str:
+        return self.render(lambda key, value: f"`{key}: {{value: {value}}}` in the sweep's parameters")
 
 
 def download_archive(dest: Path) -> None:
@@ -61,7 +74,7 @@ def fetch_cifar10(data_dir: str | os.PathLike, download: Callable[[Path], None] 
         data_dir.mkdir(parents=True, exist_ok=True)
         lock = (data_dir / LOCK_FILE).open("a")
     except OSError as e:
-        raise DatasetError(_no_data_message(batches, f"cannot write there: {_one_line(e)}")) from None
+        raise _no_data(batches, f"cannot write there: {_one_line(e)}") from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
         if not batches.is_dir():
@@ -69,10 +82,11 @@ def fetch_cifar10(data_dir: str | os.PathLike, download: Callable[[Path], None] 
     return batches
 
 
-def _no_data_message(batches: Path, reason: str) -> str:
-    return (f"{batches}: no CIFAR-10 data there ({reason}); fix: put {BATCHES_DIR}/ there (the official python "
-            f"version, cifar-10-python.tar.gz unpacked), or point at a folder that holds one "
-            f"({DATA_DIR_ENV}=DIR or --data_dir=DIR), or use --dataset=synthetic")
+def _no_data(batches: Path, reason: str) -> DatasetError:
+    return DatasetError(f"{batches}: no CIFAR-10 data there ({reason})",
+                        f"put {BATCHES_DIR}/ there (the official python version, cifar-10-python.tar.gz unpacked), "
+                        f"or point at a folder that holds one ({DATA_DIR_ENV}=DIR or {{0}}), or use {{1}}",
+                        (("data_dir", "DIR"), ("dataset", "synthetic")))
 
 
 def _download_into(batches: Path, download: Callable[[Path], None]) -> None:
@@ -88,7 +102,7 @@ def _download_into(batches: Path, download: Callable[[Path], None]) -> None:
             raise ValueError(f"the archive holds no {BATCHES_DIR}/")
         (work / BATCHES_DIR).rename(batches)
     except Exception as e:  # network, disk, checksum or a broken archive: the same to the user, the same fixes
-        raise DatasetError(_no_data_message(batches, f"download failed: {_one_line(e)}")) from None
+        raise _no_data(batches, f"download failed: {_one_line(e)}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

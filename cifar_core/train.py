@@ -27,8 +27,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cifar_core.checkpoints import (BEST, PREEMPT_CHECKPOINT, BestModel, EndFitOnRequest, end_fit, checkpoint_dir, find_resume_checkpoint, git_commit,
-                                    log_resume_artifact)
+from cifar_core.checkpoints import (BEST, PREEMPT_CHECKPOINT, BestModel, EndFitOnRequest, checkpoint_dir, end_fit,
+                                    find_resume_checkpoint, git_commit, log_resume_artifact)
 from cifar_core.config import TrainConfig
 from cifar_core.data import CIFAR10DataModule
 from cifar_core.evaluate import evaluate, inference

@@ -186,7 +186,7 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 def test_user_mistakes_are_one_line_naming_the_thing(tmp_path, sweep, mocker):
     with pytest.raises(UsageError) as e:
         best(str(tmp_path / "nowhere"), False, None)
-    assert "nowhere: neither a local sweep directory nor ENTITY/PROJECT/SWEEP_ID" in one_line(e)
+    assert "nowhere: neither a local sweep folder (no sweep.db in it) nor ENTITY/PROJECT/SWEEP_ID" in one_line(e)
     with pytest.raises(UsageError) as e:
         best(str(tmp_path), False, None)
     assert f"{tmp_path}: no local sweep here" in one_line(e)

@@ -10,7 +10,9 @@ import urllib.error
 from pathlib import Path
 
 import pytest
+import yaml
 
+from agent.__main__ import main
 from cifar_core.config import TrainConfig
 from cifar_core.fetch import DatasetError, fetch_cifar10
 from tests.conftest import write_cifar
@@ -178,3 +180,17 @@ def test_the_data_dir_default_is_CIFAR10_DATA_DIR_read_when_a_config_is_made(mon
     assert TrainConfig(data_dir="elsewhere").data_dir == "elsewhere"  # a flag or a sweep value wins
     monkeypatch.setenv("CIFAR10_DATA_DIR", "")
     assert TrainConfig().data_dir == "data"
+
+
+def test_agent_local_with_no_data_names_the_fixes_as_the_sweep_writes_them(tmp_path, monkeypatch, capsys):
+    (tmp_path / "other.tar.gz").write_bytes(b"not the archive")
+    monkeypatch.setattr("cifar_core.fetch.ARCHIVE_URL", (tmp_path / "other.tar.gz").as_uri())
+    sweep = yaml.safe_load((REPO / "sweeps" / "bayes.yaml").read_text())
+    sweep["parameters"]["data_dir"] = {"value": str(tmp_path / "data")}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    assert main(["local", str(tmp_path / "s.yaml"), "--dir", str(tmp_path / "D")]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"agent local: {tmp_path}/data/cifar-10-batches-py: no CIFAR-10 data there (")
+    assert line.endswith("(CIFAR10_DATA_DIR=DIR or `data_dir: {value: DIR}` in the sweep's parameters), or use "
+                         "`dataset: {value: synthetic}` in the sweep's parameters")
+    assert not (tmp_path / "D").exists()

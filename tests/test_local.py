@@ -14,7 +14,8 @@ from agent.errors import UsageError
 from agent.local import trial_command
 from agent.store import Store
 from tests.conftest import HYPERBAND
-from tests.helpers import PROGRAMS, REPO, agent_command, leet_records, wait_for
+from tests.helpers import (PROGRAMS, QUICK_VAL, REPO, agent_command, fresh_env, leet_records, records_of, run_dirs,
+                           validated, wait_for)
 
 FOREIGN = PROGRAMS / "foreign_train.py"
 
@@ -140,14 +141,23 @@ def test_gpus_pin_one_trial_per_listed_gpu(foreign_sweep, tmp_path):
 
 
 @pytest.mark.slow
-def test_failures_are_recorded_and_too_many_stop_the_sweep(foreign_sweep, tmp_path, monkeypatch):
-    monkeypatch.setenv("FAIL_ABOVE", "-1")  # every trial exits 1
+def test_failures_are_recorded_with_their_own_error_and_too_many_stop_the_sweep(foreign_sweep, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.setenv("FAIL_ABOVE", "-1")  # every trial raises
     out = local(foreign_sweep, "--count", "10", "--dir", "D", "--max-consecutive-failures", "2")
     assert out.returncode == 1
     assert "2 trials failed in a row" in out.stdout
     trials = status(tmp_path / "D")
     assert [t["state"] for t in trials] == ["failed", "failed"]
-    assert all(t["reason"].startswith("exit code 1") for t in trials)
+    for t in trials:  # the exception line, not wandb's last line or its colour codes
+        assert t["reason"] == f"exit code 1: ValueError: x={t['config']['x']:.3f} is above FAIL_ABOVE"
+
+
+@pytest.mark.slow
+def test_a_sweep_that_ends_with_no_finished_trial_exits_non_zero(foreign_sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIL_ABOVE", "-1")
+    out = local(foreign_sweep, "--count", "2", "--dir", "D")
+    assert out.returncode == 1 and "no trial finished; 2 failed" in out.stdout, out.stdout
 
 
 def start_signalled_sweep(tmp_path: Path, monkeypatch, modes: list[str], *args: str) -> tuple[subprocess.Popen, Path]:
@@ -164,16 +174,18 @@ def start_signalled_sweep(tmp_path: Path, monkeypatch, modes: list[str], *args: 
     return controller, marks
 
 
-def test_ctrl_c_stops_the_trials_and_kills_one_that_ignores_sigterm_after_grace(tmp_path, offline_env, monkeypatch):
+def test_ctrl_c_pauses_the_trials_and_kills_one_that_ignores_its_notice_after_grace(tmp_path, offline_env,
+                                                                                       monkeypatch):
     controller, marks = start_signalled_sweep(tmp_path, monkeypatch, ["obedient", "stubborn"], "--grace", "1")
     controller.send_signal(signal.SIGINT)
     out = controller.communicate(timeout=60)[0]
     assert controller.returncode == 130, out
-    assert "interrupted: stopping running trials" in out
+    assert "interrupted: pausing running trials" in out
     trials = {t.config["mode"]: t for t in Store(tmp_path / "D" / "sweep.db", readonly=True).trials()}
-    assert {(t.state, t.reason) for t in trials.values()} == {("crashed", "interrupted")}
+    paused = ("paused", "paused by Ctrl-C; the same command resumes it")
+    assert {(t.state, t.reason) for t in trials.values()} == {paused}
     obedient, stubborn = trials["obedient"], trials["stubborn"]
-    assert obedient.exit_code == 0 and (marks / f"{obedient.id}.sigterm").exists()
+    assert obedient.exit_code == 0 and (marks / f"{obedient.id}.sigterm").exists()  # not ours: a stop is its notice
     assert stubborn.exit_code == -signal.SIGKILL
     assert stubborn.ended - (marks / f"{stubborn.id}.sigterm").stat().st_mtime >= 1.0  # the grace it was given
 
@@ -187,7 +199,7 @@ def test_a_second_ctrl_c_kills_at_once_and_report_path_ends_the_output(tmp_path,
     assert controller.returncode == 130, out
     assert "interrupted again: killing running trials" in out
     [trial] = Store(tmp_path / "D" / "sweep.db", readonly=True).trials()
-    assert (trial.state, trial.reason, trial.exit_code) == ("crashed", "interrupted", -signal.SIGKILL)
+    assert (trial.state, trial.exit_code) == ("paused", -signal.SIGKILL)
     report = tmp_path / "D" / "report.html"
     assert out.splitlines()[-1] == f"report: {report.resolve()}" and report.is_file()
 
@@ -209,3 +221,60 @@ def test_hyperband_stops_bad_trials_of_our_program_and_each_keeps_its_best_model
         [run_dir] = (hyperband_sweep.dir / "wandb").glob(f"offline-run-*-{trial_id}")
         *_, final = [r["artifact"] for r in leet_records(run_dir) if r["type"] == "artifact"]
         assert "best" in final["aliases"] and final["type"] == "model" and "test_acc" in final["metadata"]
+
+
+OURS_SWEEP = {"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
+              "parameters": {"lr": {"values": [1e-3, 3e-3]}, "dataset": {"value": "synthetic"},
+                             "val_fraction": {"value": QUICK_VAL}, "max_epochs": {"value": 3},
+                             "limit_train_batches": {"value": 12}, "early_stopping_patience": {"value": 10}},
+              "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]}
+
+
+@pytest.mark.slow
+def test_ctrl_c_pauses_our_trials_and_the_same_command_resumes_them_first(tmp_path):
+    write_yaml(tmp_path / "ours.yaml", OURS_SWEEP)
+    command, env = agent_command("local", "ours.yaml", "--dir", "D"), fresh_env(tmp_path)
+    controller = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+
+    def running_trial() -> str | None:
+        try:
+            return next((t.id for t in Store(tmp_path / "D" / "sweep.db", readonly=True).trials()
+                         if t.state == "running"), None)
+        except UsageError:  # no sweep.db yet
+            return None
+
+    first = wait_for(running_trial, "the first trial", timeout=300, proc=controller)
+    wait_for(validated(tmp_path / "D", first, 0), f"{first}'s first validation", proc=controller)
+    controller.send_signal(signal.SIGINT)
+    out = controller.communicate(timeout=120)[0]
+    assert controller.returncode == 130, out
+    [paused] = Store(tmp_path / "D" / "sweep.db", readonly=True).trials()
+    assert (paused.id, paused.state, paused.exit_code) == (first, "paused", 128 + signal.SIGUSR1)
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming 1 paused trial(s) first" in again.stdout
+    trials = Store(tmp_path / "D" / "sweep.db", readonly=True).trials()
+    assert [(t.id == first, t.state) for t in trials] == [(True, "finished"), (False, "finished")]
+    assert len(trials[0].history) == 3  # one val_acc per epoch, across both attempts
+    earlier, resumed = run_dirs(tmp_path / "D", first)
+    epochs = [h["item"]["epoch"] for h in records_of(leet_records(resumed), "history") if "val_acc" in h["item"]]
+    assert epochs == [1, 2]  # continued from its saved state, not from epoch 0
+
+
+@pytest.mark.slow
+def test_an_install_every_trial_would_trip_on_is_one_line_before_the_first_trial(tmp_path):
+    broken = tmp_path / "site" / "torchmetrics"  # what a torchvision built for another torch raises on import
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    write_yaml(tmp_path / "ours.yaml", OURS_SWEEP)
+    env = fresh_env(tmp_path, PYTHONPATH=f"{tmp_path / 'site'}:{REPO}")
+    out = subprocess.run(agent_command("local", "ours.yaml", "--dir", "D"), cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stdout + out.stderr
+    [line] = out.stderr.splitlines()
+    assert line.startswith("agent local: the sweep's program cannot start here: RuntimeError: operator "
+                           "torchvision::nms does not exist (torch and torchvision do not match; fix: pip install "
+                           "--upgrade torch torchvision)"), line
+    assert Store(tmp_path / "D" / "sweep.db", readonly=True).trials() == []

@@ -243,6 +243,8 @@ def test_wandb_sweep_prints_runs_best_first_and_the_dashboard(fake_wandb, capsys
                         "config": json.dumps({"lr": {"value": lr}, "epochs": {"value": 3}})}
                        for i, s, m, lr in [("aaa", "finished", 0.5, 0.01), ("bbb", "killed", 0.7, 0.001),
                                            ("ccc", "running", None, 0.1), ("ddd", "finished", 0.9, 0.003)]]
+    fake_wandb.runs.append({"name": "eee", "state": "finished", "config": json.dumps({"lr": {"value": 0.09}}),
+                            "summaryMetrics": json.dumps({"ended_by": "diverged", "diverged_at_step": 7})})
     assert report("me/cifar/abc123") == 0
     assert fake_wandb.ops() == ["Viewer", "GetSweep", "Runs"]  # the runs' summaries came with the list
     runs = next(v for op, v in fake_wandb.calls if op == "Runs")
@@ -250,13 +252,15 @@ def test_wandb_sweep_prints_runs_best_first_and_the_dashboard(fake_wandb, capsys
                                                                                 {"$and": [{"sweep": "abc123"}]})
     out = capsys.readouterr().out
     lines = [line.split() for line in out.splitlines()]
-    assert [w[0] for w in lines if w and w[0] in ("aaa", "bbb", "ccc", "ddd")] == ["ddd", "bbb", "aaa", "ccc"]
+    assert [w[0] for w in lines if w and w[0] in ("aaa", "bbb", "ccc", "ddd", "eee")] == \
+        ["ddd", "bbb", "aaa", "ccc", "eee"]
+    assert next(" ".join(w) for w in lines if w and w[0] == "eee").endswith("diverged at step 7")
     assert ["ddd", "finished", "0.9", "61s", "0.003"] in lines and ["bbb", "stopped", "0.7", "61s", "0.001"] in lines
     assert "/me/cifar/sweeps/abc123" in out and "best val_acc 0.9 (ddd: lr=0.003)" in out
 
 
 def test_unknown_target_is_a_usage_error(tmp_path):
-    with pytest.raises(UsageError, match="neither a local sweep folder"):
+    with pytest.raises(UsageError, match="no local sweep here"):
         report(str(tmp_path))  # a folder, but no sweep.db
     with pytest.raises(UsageError, match="ENTITY/PROJECT/SWEEP_ID"):
         report("just-a-name")

@@ -9,7 +9,8 @@ from agent.validate import validate
 from tests.helpers import REPO
 
 OURS = ["${env}", "${interpreter}", "-m", "agent", "run"]
-FIX = "use command: [${env}, ${interpreter}, -m, agent, run, ${args}]"
+FIX = ("use the command of sweeps/bayes.yaml, a block list: `command:` then the lines `- ${env}`, `- ${interpreter}`, "
+       "`- -m`, `- agent`, `- run`, `- ${args}`")
 
 
 def write_sweep(tmp_path, **changes):
@@ -42,7 +43,11 @@ def problems(tmp_path, capsys, **changes) -> tuple[int, list[str]]:
     ({"metric": None}, "metric: method bayes and early_terminate need metric.name and metric.goal"),
     ({"metric": None, "early_terminate": None}, "metric: method bayes needs metric.name and metric.goal"),
     ({"metric": None, "method": "random"}, "metric: early_terminate needs metric.name and metric.goal"),
-    ({"method": "bayesian"}, "bayesian"),
+    ({"method": "bayesian"}, "method: 'bayesian' is not one of"),
+    ({"run_cap": 0}, "run_cap: 0 is less than or equal to the minimum of 0"),
+    ({"method": "grid", "early_terminate": None, "parameters": {"lr": {"distribution": "uniform", "min": 1e-4,
+                                                                        "max": 0.1}}},
+     "W&B's sweep engine refuses it: Parameter lr is a disallowed type with grid search"),
     ({"command": None}, f"command: missing, and no program for W&B's default `${{env}} ${{interpreter}} "
                         f"${{program}} ${{args}}`; to run ours, {FIX}"),
     ({"command": None, "program": "agent/run.py"}, "program: 'agent/run.py': not how our program starts"),
@@ -69,7 +74,8 @@ def test_validate_names_each_problem(tmp_path, capsys, changes, expected):
     {"command": [*OURS, "--data_dir=${envvar:CIFAR10_DATA_DIR}", "${args}"]},
     {"command": ["${env}", "${interpreter}", "-m", "${program}", "run", "${args}"], "program": "agent"},
     {"metric": None, "method": "random", "early_terminate": None},
-    {"metric": {"name": "val_loss", "goal": "minimize"}, "parameters": {"monitor": {"value": "val_loss"}}},
+    {"metric": {"name": "val_loss", "goal": "minimize"},
+     "parameters": {"monitor": {"value": "val_loss"}, "lr": {"values": [0.1, 0.01]}}},  # bayes needs one to search
 ])
 def test_runnable_forms_of_our_program_are_ok(tmp_path, capsys, changes):
     assert problems(tmp_path, capsys, **changes) == (0, ["ok"])
@@ -106,13 +112,17 @@ def test_foreign_program_gets_only_the_wandb_checks(tmp_path, capsys):
 
 def test_unreadable_files_are_one_line_each_not_raised(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("method: [unclosed")
+    (tmp_path / "flow.yaml").write_text("method: grid\ncommand: [${env}, ${interpreter}, -m, agent, run, ${args}]\n")
     (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
     (tmp_path / "empty.yaml").write_text("# nothing but a comment\n")
     (tmp_path / "folder.yaml").mkdir()
-    names = ["bad.yaml", "binary.yaml", "empty.yaml", "folder.yaml", "missing.yaml"]
+    names = ["bad.yaml", "flow.yaml", "binary.yaml", "empty.yaml", "folder.yaml", "missing.yaml"]
     assert validate([str(tmp_path / name) for name in names]) == 1
     assert capsys.readouterr().out.splitlines() == [f"{tmp_path / name}: {problem}" for name, problem in zip(names, [
         "not valid YAML (while parsing a flow sequence)",
+        "not valid YAML (while parsing a flow sequence, line 2: inside [...] a `{` starts a mapping, so ${...} "
+        "macros there must be quoted (\"${env}\") or the list written as a block, one `- ${env}` per line, as "
+        "sweeps/bayes.yaml does)",
         "not UTF-8 text; expected a sweep YAML file",
         "empty; expected sweep settings (method, metric, parameters, command)",
         "a directory; expected a sweep YAML file",

@@ -1,0 +1,65 @@
+"""What a trial's end means (agent/outcome.py): its state and the reason every view shows."""
+
+import pytest
+
+from agent.outcome import environment_error, outcome, own_error
+
+WANDB_TAIL = ("\x1b[1;34mwandb\x1b[0m: \n\x1b[1;34mwandb\x1b[0m: You can sync this run to the cloud by running:\n"
+              "\x1b[1;34mwandb\x1b[0m: \x1b[1mwandb sync /tmp/D/wandb/offline-run-x\x1b[0m\n"
+              "\x1b[1;34mwandb\x1b[0m: Find logs at: \x1b[1;35m/tmp/D/wandb/offline-run-x/logs\x1b[0m\n")
+TRACEBACK = """Traceback (most recent call last):
+  File "train.py", line 3, in <module>
+    import torchvision
+  File "/site/torchvision/__init__.py", line 9, in <module>
+    from .extension import _HAS_OPS
+RuntimeError: operator torchvision::nms does not exist
+"""
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("epoch 1\n" + TRACEBACK + WANDB_TAIL, "RuntimeError: operator torchvision::nms does not exist"),
+    ("Traceback (most recent call last):\n  File \"a.py\", line 1\nKeyError: 'x'\n\nDuring handling of the above "
+     "exception, another exception occurred:\n\n" + TRACEBACK,
+     "RuntimeError: operator torchvision::nms does not exist"),
+    ("agent run: lr='-1': Input should be greater than 0\n" + WANDB_TAIL,
+     "agent run: lr='-1': Input should be greater than 0"),
+    ("\x1b[31mCUDA out of memory\x1b[0m\n", "CUDA out of memory"),
+    (WANDB_TAIL, "no output"),
+    ("", "no output"),
+])
+def test_a_trials_reason_is_its_own_error_without_colour_codes(output, expected):
+    assert own_error(output) == expected
+
+
+def test_errors_every_trial_would_hit_come_with_their_fix():
+    assert environment_error("RuntimeError: operator torchvision::nms does not exist").endswith(
+        "(torch and torchvision do not match; fix: pip install --upgrade torch torchvision)")
+    assert "fix: install what provides it" in environment_error("ModuleNotFoundError: No module named 'timm'")
+    assert environment_error("ValueError: x=0.7 is above FAIL_ABOVE") is None
+
+
+def ended(code=0, stop=False, paused=False, summary=None, value=0.5, history=(0.5,), output=""):
+    return outcome(code, stop, paused, summary or {}, "val_acc", value, list(history), output)
+
+
+def test_a_trial_is_stopped_only_if_the_stop_cut_its_training_short():
+    assert ended(stop=True, summary={"ended_by": "stop"}) == ("stopped", "early-terminated by hyperband")
+    assert ended(stop=True) == ("stopped", "early-terminated by hyperband")  # a program that does not say
+    assert ended(stop=True, summary={"ended_by": "completed"}) == ("finished", None)  # its last epoch was done
+
+
+def test_a_diverged_trial_is_finished_with_the_step_it_diverged_at():
+    assert ended(summary={"ended_by": "diverged", "diverged_at_step": 3}, value=None, history=()) == \
+        ("finished", "diverged at step 3")
+    assert ended(value=None, history=()) == ("failed", "no val_acc logged")
+    assert ended(value=None, history=(float("nan"),)) == ("failed", "val_acc is NaN or infinite")
+
+
+def test_a_paused_trial_is_paused_unless_it_says_it_completed():
+    paused = ("paused", "paused by Ctrl-C; the same command resumes it")
+    assert ended(code=138, paused=True, summary={"ended_by": "completed"}) == paused  # preempted, state saved
+    assert ended(code=-9, paused=True) == paused
+    assert ended(paused=True) == paused  # a program that exits 0 on its stop, saying nothing
+    assert ended(paused=True, summary={"ended_by": "completed"}) == ("finished", None)
+    assert ended(code=1, output=TRACEBACK) == ("failed", "exit code 1: RuntimeError: operator torchvision::nms "
+                                                         "does not exist")
