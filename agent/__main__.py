@@ -7,7 +7,7 @@
   create    validate a sweep YAML, then create it on W&B
   launch    start one W&B agent per GPU on this box
   report    compare a sweep's trials: DIR/report.html for a local sweep, a table for a W&B one
-  best      the best trial: its run command, checkpoint, --evaluate, --export TorchScript
+  best      the best trial: its run command, checkpoint, --evaluate, --export (torch.export)
 """
 
 import os
@@ -227,15 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=report_command)
 
     best = commands.add_parser(
-        "best", help="the best trial: run command, checkpoint, evaluation, TorchScript export",
+        "best", help="the best trial: run command, checkpoint, evaluation, export",
         description="Print the best trial, its config as a `python -m agent run` line, and its best checkpoint "
                     "(downloaded for a W&B sweep).")
     best.add_argument("target", metavar="DIR|ENTITY/PROJECT/SWEEP_ID")
     best.set_defaults(func=best_command)
     best.add_argument("--evaluate", action="store_true",
                       help="rerun the test set on the checkpoint: test accuracy and per-class accuracy")
-    best.add_argument("--export", metavar="PATH", help="write a TorchScript model (normalisation and class "
-                                                       "names inside; input: float images in [0, 1])")
+    best.add_argument("--export", metavar="PATH", help="write the network with torch.export, a .pt2 that needs "
+                                                       "only torch (normalisation and class names inside; input: "
+                                                       "float images in [0, 1] or 0-255)")
     return parser
 
 

@@ -9,13 +9,16 @@ line that trains it again; and its best checkpoint (locally the file its run log
   --evaluate     load the checkpoint (weights only: no pickled code runs) and score it on the test
                  split the trial used, as its own test pass did (same function, same test-time
                  augmentation): test accuracy, beside the one the trial logged, per class.
-  --export PATH  write a TorchScript model that needs only torch: forward(x) takes float images in
-                 [0, 1], N x 3 x 32 x 32 (torchvision's ToTensor), normalises inside and averages over
-                 the trial's test-time augmentation (its `tta`), returns logits; predict(x) -> class
-                 indices; class names in `class_names` and class_names.json.
+  --export PATH  write the network with torch.export (a .pt2 file that needs only torch): it takes
+                 float images N x 3 x S x S at the trial's image size S, in [0, 1] (torchvision's
+                 ToTensor) or 0-255 (uint8 is refused), normalises them inside as its weights
+                 expect, averages over the trial's test-time augmentation (its `tta`), returns
+                 logits; class names, input and trial in its extra files.
 
-    python -m agent best sweeps-local/SWEEP_ID --evaluate --export best.pt
-    model = torch.jit.load("best.pt"); model.class_names[model.predict(x)[0]]
+    python -m agent best sweeps-local/SWEEP_ID --evaluate --export best.pt2
+    extra = {"class_names.json": ""}
+    model = torch.export.load("best.pt2", extra_files=extra).module()
+    json.loads(extra["class_names.json"])[model(x).argmax(-1)[0]]
 """
 
 import json
@@ -23,7 +26,6 @@ import shlex
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
 
 import torch
 from rich.table import Table
@@ -38,6 +40,7 @@ from agent.trials import best_trial, is_number, sweep_metric
 from agent.wandb_errors import find_sweep, first_line, wandb_api, wandb_errors
 from cifar_core.checkpoints import BEST, checkpoint_dir, load_network
 from cifar_core.config import TrainConfig
+from cifar_core.evaluate import TTA
 
 DONE = ("finished", "stopped")
 
@@ -87,7 +90,7 @@ def flag(key: str, value) -> str:
 
 def run_command(config: TrainConfig) -> str:
     """Every field, so that the line trains the same config even if the defaults change."""
-    return "python -m agent run " + " ".join(flag(k, v) for k, v in config.model_dump().items())
+    return "python -m agent run " + " ".join(flag(k, v) for k, v in config.model_dump().items() if v is not None)
 
 
 def known(values: dict) -> dict:
@@ -155,81 +158,60 @@ def load_net(path: Path) -> nn.Module:
         raise UsageError(f"{path}: not a loadable checkpoint of this program ({first_line(e)})") from None
 
 
-def cifar_batches(best: Best) -> Path | None:
-    """The trial's cifar-10-batches-py folder; a relative data_dir may be relative to where the sweep ran."""
-    from cifar_core.data import BATCHES_DIR
-
-    data_dir = Path(best.config.data_dir)
-    candidates = [data_dir] if data_dir.is_absolute() else [base / data_dir for base in best.data_roots]
-    return next((d / BATCHES_DIR for d in candidates if (d / BATCHES_DIR).is_dir()), None)
-
-
-def class_names(best: Best) -> tuple[str, ...]:
-    from cifar_core.data import CLASSES, DatasetError, read_class_names
-
-    batches = cifar_batches(best) if best.config.dataset == "cifar10" else None
-    try:
-        return CLASSES if batches is None else read_class_names(batches)
-    except DatasetError as e:
-        raise UsageError(str(e)) from None
-
-
-def load_test_split(best: Best) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The trial's test images (uint8), labels, and what they are."""
-    from cifar_core.data import BATCHES_DIR, DatasetError, read_all, synthetic_splits
+def trial_data(best: Best):
+    """The trial's data (cifar_core.data.ImageDataModule, loaded): its test split and class names. A relative
+    data_dir may be relative to where the sweep ran."""
+    from cifar_core.data import datamodule_for
+    from cifar_core.fetch import DatasetError
 
     config = best.config
-    if config.dataset == "synthetic":
-        _, (images, labels) = synthetic_splits(config.seed)
-        return images, labels, f"synthetic test split (seed {config.seed})"
-    batches = cifar_batches(best)
-    if batches is None:
-        where = Path(config.data_dir) if Path(config.data_dir).is_absolute() else Path.cwd() / config.data_dir
-        raise UsageError(f"{where / BATCHES_DIR}: CIFAR-10 test data missing "
-                         f"(the trial's data_dir={config.data_dir!r})")
+    if config.dataset != "synthetic" and not Path(config.data_dir).is_absolute():
+        found = next((base / config.data_dir for base in best.data_roots if (base / config.data_dir).is_dir()), None)
+        if found is None:
+            raise UsageError(f"{Path.cwd() / config.data_dir}: the trial's data is not there (its "
+                             f"data_dir={config.data_dir!r}, relative to where the sweep ran)")
+        config = config.model_copy(update={"data_dir": str(found)})
+    data = datamodule_for(config)
     try:
-        _, (images, labels) = read_all(batches)
+        data.load()
     except DatasetError as e:
         raise UsageError(str(e)) from None
-    return images, labels, f"CIFAR-10 test ({batches})"
+    return data
 
 
 class Exported(nn.Module):
-    """What --export saves: float images in [0, 1] in, logits out; normalisation, the trial's test-time
-    augmentation (cifar_core.evaluate.TTA, as its test pass used it) and class names inside."""
+    """What --export saves: float images in, logits out, with the network's normalisation and the trial's
+    test-time augmentation (cifar_core.evaluate.TTA, as its test pass used it) inside. Floats in [0, 1]
+    (torchvision's ToTensor) are taken as they are; an image whose values exceed 1 (floats in 0-255) is
+    scaled by 1/255 first. The exported program refuses uint8 (its input dtype is fixed when traced)."""
 
-    class_names: List[str]
-
-    def __init__(self, net: nn.Module, class_names: List[str], mean: float, std: float):
+    def __init__(self, net: nn.Module, tta: int):
         super().__init__()
-        self.net, self.class_names, self.mean, self.std = net, list(class_names), mean, std
+        self.model = TTA(net, tta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
-
-    @torch.jit.export
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x).argmax(dim=-1)
+        x = x.float()
+        return self.model(torch.where(x.amax(dim=(1, 2, 3), keepdim=True) > 1, x / 255, x))
 
 
-def export_torchscript(net: nn.Module, class_names, path: str, best: Best) -> None:
-    from cifar_core.data import MEAN, STD
-    from cifar_core.evaluate import TTA
-
-    with warnings.catch_warnings():  # torch.jit is deprecated for torch.export, which plain torch.load cannot load
+def export_model(net: nn.Module, class_names, path: str, best: Best) -> None:
+    """torch.export, loadable with torch alone: torch.export.load(path).module()(x)."""
+    size = best.config.resolution
+    module = Exported(net, best.config.tta).eval()
+    with warnings.catch_warnings():  # tracing notices of timm's networks: not the user's to act on
         warnings.simplefilter("ignore")
-        try:
-            inner = torch.jit.script(net)
-        except Exception:  # e.g. resnet9's Residual calls super().forward
-            inner = torch.jit.trace(net, torch.zeros(2, 3, 32, 32))
-        module = torch.jit.script(Exported(TTA(inner, best.config.tta), list(class_names), MEAN, STD))
-        extra = {"class_names.json": json.dumps(list(class_names)),
-                 "trial.json": json.dumps({"id": best.id, best.metric_name or "metric": best.metric,
-                                           "config": best.config.model_dump()})}
-        try:
-            torch.jit.save(module, path, _extra_files=extra)
-        except (OSError, RuntimeError) as e:
-            raise UsageError(f"{path}: cannot write ({first_line(e)})") from None
+        program = torch.export.export(module, (torch.rand(2, 3, size, size),),
+                                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    extra = {"class_names.json": json.dumps(list(class_names)),
+             "input.json": json.dumps({"shape": ["N", 3, size, size], "dtype": "float32",
+                                       "values": "in [0, 1], or 0-255",
+                                       "tta": best.config.tta}),
+             "trial.json": json.dumps({"id": best.id, best.metric_name or "metric": best.metric,
+                                       "config": best.config.model_dump()})}
+    try:
+        torch.export.save(program, path, extra_files=extra)
+    except (OSError, RuntimeError) as e:
+        raise UsageError(f"{path}: cannot write ({first_line(e)})") from None
 
 
 def find_best(target: str) -> Best:
@@ -246,23 +228,28 @@ def best(target: str, evaluate: bool = False, export: str | None = None) -> int:
     print(f"checkpoint: {found.checkpoint}")
     if not (evaluate or export):
         return 0
-    net, names = load_net(found.checkpoint), class_names(found)
+    net = load_net(found.checkpoint)
+    data = trial_data(found)
     if evaluate:
-        images, labels, described = load_test_split(found)
         from cifar_core.evaluate import evaluate as score, inference
 
-        result = score(net, images, labels, num_classes=len(names), **inference(found.config))
+        test = data.test_set
+        result = score(net, test, test.labels, num_classes=len(data.classes), **inference(found.config))
         logged = "" if found.logged_test_acc is None else f" (logged by the trial: {found.logged_test_acc:.4f})"
-        print(f"test_acc: {result['test_acc']:.4f}{logged} on {len(labels)} images, {described}")
+        print(f"test_acc: {result['test_acc']:.4f}{logged} on {len(test)} images, {found.config.dataset} "
+              f"{data.notes['data/test_split']} split" + ("" if found.config.dataset == "synthetic" else
+                                                           f" of {found.config.data_dir}"))
         table = Table(box=None, header_style="bold")
         for column in ("class", "accuracy", "images"):
             table.add_column(column, justify="left" if column == "class" else "right")
-        counts = torch.bincount(labels, minlength=len(names)).tolist()
-        for name, acc, n in zip(names, result["per_class_acc"], counts):
+        counts = torch.bincount(test.labels, minlength=len(data.classes)).tolist()
+        for name, acc, n in zip(data.classes, result["per_class_acc"], counts):
             table.add_row(name, f"{acc:.4f}", str(n))
         console().print(table)
     if export:
-        export_torchscript(net, names, export, found)
-        print(f"exported: {export} (TorchScript; forward(x): float N x 3 x 32 x 32 in [0, 1] -> logits, "
-              f"test-time augmentation level {found.config.tta}; predict(x) -> class indices; class_names)")
+        export_model(net, data.classes, export, found)
+        size = found.config.resolution
+        print(f"exported: {export} (torch.export; torch.export.load(PATH).module()(x): x float N x 3 x {size} x "
+              f"{size} in [0, 1] -> logits, test-time augmentation level {found.config.tta}; class names in its "
+              "extra file class_names.json)")
     return 0

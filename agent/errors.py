@@ -27,9 +27,15 @@ def describe_validation_error(error: ValidationError) -> str:
     """pydantic's multi-line report as one line: `key=value: what is allowed; ...`."""
     parts = []
     for e in error.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "config"
+        key = ".".join(str(p) for p in e["loc"])
+        message = e["msg"].removeprefix("Value error, ")
         got = "" if e["type"] == "missing" else f"={e['input']!r}"
-        parts.append(f"{key}{got}: {e['msg']}" if e["type"] != "extra_forbidden" else f"unknown key {key!r}")
+        if not key:  # a check across keys: its message names them
+            parts.append(message)
+        elif e["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r}")
+        else:
+            parts.append(f"{key}{got}: {message}")
     return "; ".join(parts)
 
 

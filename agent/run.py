@@ -8,6 +8,7 @@ A bad key, value or data file exits 2 with one line (a misspelt key: the close o
 
 import itertools
 import os
+from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
@@ -53,12 +54,15 @@ def as_flag(value) -> str:
 
 def allowed_values(name: str, field: FieldInfo) -> str:
     """What a key accepts, as a user types it: `adam | adamw | sgd`, `true | false`, `float, lr > 0`."""
+    if field.description:
+        return field.description
     if get_origin(field.annotation) is Literal:
         return " | ".join(map(as_flag, get_args(field.annotation)))
     if field.annotation is bool:
         return "true | false"
     bounds = [(op, getattr(m, attr)) for attr, op in BOUNDS.items() for m in field.metadata if hasattr(m, attr)]
-    kind = field.annotation.__name__
+    kinds = [t for t in get_args(field.annotation) if t is not type(None)] or [field.annotation]
+    kind = kinds[0].__name__ + (", or unset" if len(kinds) < len(get_args(field.annotation)) else "")
     if len(bounds) == 2:  # lower first, as BOUNDS lists them
         (low_op, low), (high_op, high) = bounds
         return f"{kind}, {low} {low_op.replace('>', '<')} {name} {high_op} {high}"
@@ -81,37 +85,51 @@ def seconds_since_process_start() -> float:
         return float(f.read().split()[0]) - started
 
 
-def fetch_data(config: TrainConfig, in_sweep: bool = False) -> None:
-    """CIFAR-10 in place (fetched once per box), or one line saying where it was looked for and what fixes
-    it: as flags, or as the sweep's parameters when the config comes from a sweep."""
-    from cifar_core.fetch import DatasetError, fetch_cifar10  # the standard library only: no torch
+def prepare_data(config: TrainConfig, in_sweep: bool = False) -> None:
+    """The config's inputs in place, or one line saying what is missing or wrong and what fixes it (as flags,
+    or as the sweep's parameters when the config comes from a sweep): CIFAR fetched once per box, an image
+    folder checked and decoded once per box, pretrained weights downloaded once per box, a pretrained_path
+    that exists. Before any run exists; without torch, but for pretrained weights."""
+    from cifar_core.fetch import ARCHIVES, DatasetError, fetch
 
-    if config.dataset == "cifar10":
-        try:
-            fetch_cifar10(config.data_dir)
-        except DatasetError as e:
-            raise UsageError(e.in_sweep() if in_sweep else str(e)) from None
+    if config.pretrained_path and not Path(config.pretrained_path).expanduser().is_file():
+        raise UsageError(f"pretrained_path={config.pretrained_path!r}: no such file (expected the network's "
+                         "weights: a .safetensors file or a torch state dict)")
+    try:
+        if config.dataset in ARCHIVES:
+            fetch(config.dataset, config.data_dir)
+        elif config.dataset == "imagefolder":
+            from cifar_core.folder import load_folder
+
+            load_folder(config.data_dir, config.resolution, config.cache_dir)
+        if config.pretrained and not config.pretrained_path:
+            from cifar_core.model import create_model
+
+            create_model(config.model, pretrained=True)  # into the hub cache, under its lock
+    except DatasetError as e:
+        raise UsageError(e.in_sweep() if in_sweep else str(e)) from None
 
 
-DATA_FIELDS = ("dataset", "data_dir")  # what decides the data a trial reads
+# what decides the data a trial reads, and the weights it starts from
+DATA_FIELDS = ("dataset", "data_dir", "image_size", "cache_dir", "model", "pretrained", "pretrained_path")
 
 
 def prepare_sweep(sweep: dict) -> None:
-    """The data of a sweep of our program, fetched once before its first trials (not by each at once), or
-    one line saying what is missing. Ranges are left to the trials (they share the fetch's lock)."""
+    """The data of a sweep of our program, prepared once before its first trials (not by each at once), or
+    one line saying what is wrong. Ranges are left to the trials (they share the same lock)."""
     from agent.validate import candidate_values
 
     parameters = sweep.get("parameters") or {}
     choices = [candidate_values(parameters[name]) if name in parameters else [None] for name in DATA_FIELDS]
     for values in itertools.product(*choices):
-        fetch_data(make_config({k: v for k, v in zip(DATA_FIELDS, values) if v is not None}), in_sweep=True)
+        prepare_data(make_config({k: v for k, v in zip(DATA_FIELDS, values) if v is not None}), in_sweep=True)
 
 
 def run(argv: list[str]) -> dict:
     """Trains; raises RunEndedEarly when a preemption or Ctrl-C must set a non-zero exit code."""
     config = make_config(parse_flags(argv))  # fail before any run exists
     with StopRequests() as requests:  # from here on a stop is never lost, even during imports and wandb.init
-        fetch_data(config, in_sweep=bool(os.environ.get("WANDB_SWEEP_ID")))
+        prepare_data(config, in_sweep=bool(os.environ.get("WANDB_SWEEP_ID")))
         import wandb
 
         started_init = seconds_since_process_start()
@@ -123,11 +141,11 @@ def run(argv: list[str]) -> dict:
         try:
             # Under a sweep the run's config holds the sweep's values; validate what will train.
             config = make_config(dict(run.config))
-            fetch_data(config, in_sweep=bool(os.environ.get("WANDB_SWEEP_ID")))
+            prepare_data(config, in_sweep=bool(os.environ.get("WANDB_SWEEP_ID")))
         except UsageError:
             run.finish(exit_code=2)
             raise
-        from cifar_core.data import DatasetError
+        from cifar_core.fetch import DatasetError
         from cifar_core.train import Preempted, train  # torch and lightning load only for valid input
         # Where a trial's time goes, beside its metrics (train() adds setup, fit, test and logging):
         # start-up is this process's start to training's, imports and wandb.init included.

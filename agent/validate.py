@@ -155,13 +155,14 @@ def candidate_values(spec: dict) -> list:
     return [math.exp(min(v, 709)) for v in ends] if distribution in LOG_SPACE else ends
 
 
-def parameter_problems(name: str, spec: dict) -> list[str]:
+def parameter_problems(name: str, spec: dict, constants: dict) -> list[str]:
+    """Each value the parameter can take, with the sweep's constants (`value:` parameters) around it."""
     if name not in TrainConfig.model_fields:
         return [f"parameters.{name}: not a config key; {did_you_mean(name, TrainConfig.model_fields)}"]
     problems = []
     for value in candidate_values(spec):
         try:
-            TrainConfig(**{name: value})
+            TrainConfig(**{**constants, name: value})
         except ValidationError as e:
             problems.append(f"parameters.{name}: {describe_validation_error(e)}")
     return problems
@@ -207,8 +208,10 @@ def sweep_problems(sweep: dict) -> list[str]:
         problems += engine_problems(config)
     if runs_our_program(sweep):
         problems += our_command_problems(sweep)
+        constants = {name: spec["value"] for name, spec in parameters.items()
+                     if "value" in spec and name in TrainConfig.model_fields}
         for name, spec in parameters.items():
-            problems += parameter_problems(name, spec)
+            problems += parameter_problems(name, spec, constants)
         problems += metric_problems(sweep, parameters)
     return problems
 

@@ -95,12 +95,15 @@ class TrainClock(pl.Callback):
 
 def data_throughput(data_dir: str, batches: int = 300) -> dict:
     from bench.seed_pipeline import SeedDataModule
-    from cifar_core.data import CIFAR10DataModule, augment_batch, normalize
+    from cifar_core.augment import augment_batch
+    from cifar_core.data import ImageDataModule
+    from cifar_core.model import SEED_MEAN, SEED_STD, Network
 
     seed = SeedDataModule(batch_size=32, data_dir=data_dir)
     seed.setup()
-    ours = CIFAR10DataModule(data_dir=data_dir, batch_size=32, augment=True)
+    ours = ImageDataModule(data_dir=data_dir, batch_size=32, augment=True)
     ours.setup()
+    normalize = Network(torch.nn.Identity(), SEED_MEAN, SEED_STD).normalize  # what our networks do first
     rates = {}
     for name, loader, finish in [("seed", seed.train_dataloader(), lambda b: b),
                                  ("ours", ours.train_dataloader(), lambda b: (normalize(augment_batch(b[0])), b[1]))]:
@@ -218,7 +221,8 @@ def airbench94_reference(data_dir: str, runs: int, folder: Path) -> dict | None:
         import airbench
     except ImportError:
         return None
-    from cifar_core.data import CLASSES, read_all
+    from cifar_core.cifar import read_all
+    from cifar_core.data import CIFAR10_CLASSES as CLASSES
 
     (train_x, train_y), (test_x, test_y) = read_all(Path(data_dir) / "cifar-10-batches-py")
     (folder / "cifar10").mkdir(parents=True, exist_ok=True)

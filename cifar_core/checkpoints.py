@@ -22,7 +22,7 @@ import wandb
 from lightning.pytorch.callbacks import Checkpoint
 from torch import nn
 
-from cifar_core.model import build_model
+from cifar_core.model import create_model
 from cifar_core.stopping import EARLY_STOPPING, PREEMPT, StopRequests
 
 BEST = "best.ckpt"
@@ -45,7 +45,7 @@ def git_commit() -> str | None:
 
 
 def save_network(path: Path, network: dict, weights: dict, **info) -> None:
-    """`network`: build_model's keyword arguments; `weights`: the net's state dict (on the CPU)."""
+    """`network`: create_model's keyword arguments; `weights`: the net's state dict (on the CPU)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"network": network, "state_dict": weights, **info}, tmp)
@@ -56,7 +56,7 @@ def load_network(path: Path) -> tuple[nn.Module, dict]:
     """The network saved by save_network, in eval mode, and the checkpoint's other entries.
     weights_only: a checkpoint from elsewhere (a W&B artifact) cannot run code when loaded."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    net = build_model(**checkpoint.pop("network"))
+    net = create_model(**checkpoint.pop("network"))
     net.load_state_dict(checkpoint.pop("state_dict"))
     return net.eval(), checkpoint
 

@@ -10,6 +10,7 @@ sweeps/{cpu,gpu}-fast.yaml hold the presets.
 """
 
 import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -32,6 +33,13 @@ def default_data_dir() -> str:
     return os.environ.get(DATA_DIR_ENV) or "data"
 
 
+def default_cache_dir() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifar-sweeps")
+
+
+FOLDER_IMAGE_SIZE = 224  # an image folder's default resolution: what most pretrained networks were trained at
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -40,16 +48,26 @@ class TrainConfig(BaseModel):
     # is made, so one variable points `agent run`, `agent local` and W&B agents (their trials inherit it)
     # at an existing copy; a flag or a sweep value still wins, and the run's config records the path used.
     data_dir: str = Field(default_factory=default_data_dir)
-    dataset: Literal["cifar10", "synthetic"] = "cifar10"  # synthetic: no files, for smoke runs
-    val_fraction: float = Field(0.1, gt=0, lt=1)  # 0.1 of 50,000 = the seed's 5,000
-    augment: bool = False  # random crop (pad 4) + horizontal flip; the seed had none
+    # imagefolder: data_dir holds train/<class>/<image> (and val/, test/); synthetic: no files, for smoke runs
+    dataset: Literal["cifar10", "cifar100", "imagefolder", "synthetic"] = "cifar10"
+    # training and evaluation resolution of an image folder (default 224); CIFAR's and synthetic's are 32
+    image_size: int | None = Field(None, ge=8)
+    cache_dir: str = Field(default_factory=default_cache_dir)  # where image folders are decoded, once per box
+    val_fraction: float = Field(0.1, gt=0, lt=1)  # 0.1 of 50,000 = the seed's 5,000; an image folder's without val/
+    # CIFAR: random crop (pad 4) + horizontal flip, the seed had none; an image folder: random-resized-crop + flip
+    augment: bool = False
+    crop_scale: float = Field(0.35, gt=0, le=1)  # image folder + augment: the smallest area fraction a crop takes
     flip: Literal["none", "random", "alternating"] = "none"  # alternating: each image both ways every 2 epochs
     translate: int = Field(0, ge=0, le=8)  # pixels each way, reflect padding (the record: 2)
     num_workers: int = Field(0, ge=0)  # data lives in memory as tensors: workers rarely help
 
     # model
-    # resnet9: the fast residual net with batch norm; airnet: the speed record's net (cifar_core/model.py)
-    model: Literal["seed_cnn", "resnet9", "airnet"] = "seed_cnn"
+    # resnet9: the fast residual net with batch norm; airnet: the speed record's net (cifar_core/model.py);
+    # timm/<name>: any of timm's (timm/resnet18, timm/convnext_nano, timm/vit_tiny_patch16_224, ...)
+    model: str = Field("seed_cnn", description="seed_cnn | resnet9 | airnet | timm/<name>")
+    pretrained: bool = False  # timm: its pretrained weights, from timm's hub cache (downloaded once per box)
+    pretrained_path: str | None = None  # timm, a box with no network: a safetensors or state-dict file
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)  # timm: stochastic depth, where the network has it
     width: int = Field(64, ge=4)  # first-stage channels of resnet9 and airnet (64: the originals; 16: a CPU)
     width_mult: int = Field(4, ge=1)  # airnet: its later stages are width * width_mult wide
     activation: Literal["gelu", "relu"] = "gelu"  # airnet; relu is as good and faster on a CPU
@@ -70,6 +88,8 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd and sgd_scaled
     nesterov: bool = False  # sgd (sgd_scaled always is)
     bias_lr_scale: float = Field(64.0, gt=0)  # sgd_scaled: how much faster batch-norm biases learn
+    backbone_lr_scale: float = Field(1.0, gt=0)  # all but the classifier layer learn at lr times this
+    freeze_backbone_epochs: int = Field(0, ge=0)  # the classifier layer alone for the first epochs
     # lr over the run's steps; triangle: the record's, 0.2 -> 1 at 23% -> 0.07 of lr
     schedule: Literal["constant", "onecycle", "warmup_cosine", "triangle"] = "constant"
     lookahead: bool = False  # the record's average of the weights, pulled back into them every 5 steps
@@ -103,11 +123,34 @@ class TrainConfig(BaseModel):
             raise ValueError("must be a fraction in (0, 1] or a whole number of batches")
         return v
 
+    @field_validator("model")
+    @classmethod
+    def _a_network(cls, v: str) -> str:
+        from cifar_core.model import unknown_model  # imports timm only for a timm/ name
+
+        if problem := unknown_model(v):
+            raise ValueError(problem)
+        return v
+
     @model_validator(mode="after")
-    def _one_augmentation(self):
+    def _consistent(self):
         if self.augment and (self.flip != "none" or self.translate):
             raise ValueError("augment (crop and random flip) and flip/translate are two augmentations: choose one")
+        if self.image_size not in (None, 32) and self.dataset != "imagefolder":
+            raise ValueError(f"image_size={self.image_size}: {self.dataset} images are 32x32; other sizes need "
+                             "dataset=imagefolder")
+        timm_only = [k for k, unset in (("pretrained", False), ("pretrained_path", None), ("drop_path_rate", 0))
+                     if getattr(self, k) != unset]
+        if timm_only and not self.model.startswith("timm/"):
+            raise ValueError(f"{timm_only[0]}: only timm's networks have it (model=timm/<name>)")
+        if self.backbone_lr_scale != 1 and self.optimizer == "sgd_scaled":
+            raise ValueError("backbone_lr_scale: sgd_scaled sets its own parameter groups; use adamw, adam or sgd")
         return self
+
+    @property
+    def resolution(self) -> int:
+        """The side of the images the network sees."""
+        return self.image_size or (FOLDER_IMAGE_SIZE if self.dataset == "imagefolder" else 32)
 
     @property
     def train_batches(self) -> int | float:

@@ -1,10 +1,11 @@
 """The one inference path: uint8 images in, logits out, and the test pass built on it.
 
-`predict` normalises as training does, uses the net's memory format and precision, runs in eval
-mode and in batches, and averages over test-time augmentations (`TTA`). A run's test metrics,
-its prediction images, `agent best --evaluate` and the exported TorchScript model (which scripts
-the same `TTA` module) all go through it. It runs outside Lightning's loops, so a stop arriving
-meanwhile cannot abort it: a stopped trial still reports and logs its best model.
+`predict` feeds the network (model.Network, which normalises) images as floats in [0, 1], uses its
+memory format and precision, runs in eval mode and in batches, and averages over test-time
+augmentations (`TTA`). A run's test metrics, its prediction images, `agent best --evaluate` and the
+exported model (the same `TTA` around the same Network) all go through it. It runs outside
+Lightning's loops, so a stop arriving meanwhile cannot abort it: a stopped trial still reports and
+logs its best model; a preemption notice ends it between batches (`between_batches`).
 """
 
 from collections.abc import Callable
@@ -14,7 +15,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from cifar_core.config import TrainConfig
-from cifar_core.data import normalize
 
 
 def inference(config: TrainConfig) -> dict:
@@ -23,9 +23,9 @@ def inference(config: TrainConfig) -> dict:
 
 
 class TTA(nn.Module):
-    """Test-time augmentation around a net, on normalised images. level 0: the net alone; 1: the mean of
-    the image and its mirror; 2: half that, half the same over the two diagonal 1-pixel shifts (reflect
-    padding): 6 passes. Scriptable, so an exported model averages exactly as the test pass did."""
+    """Test-time augmentation around a net, on float images. level 0: the net alone; 1: the mean of the
+    image and its mirror; 2: half that, half the same over the two diagonal 1-pixel shifts (reflect
+    padding): 6 passes. Exportable, so an exported model averages exactly as the test pass did."""
 
     def __init__(self, net: nn.Module, level: int):
         super().__init__()
@@ -47,10 +47,11 @@ class TTA(nn.Module):
 
 
 @torch.inference_mode()
-def predict(net: nn.Module, images: torch.Tensor, channels_last: bool = False, tta: int = 0, bf16: bool = False,
+def predict(net: nn.Module, images, channels_last: bool = False, tta: int = 0, bf16: bool = False,
             batch_size: int = 500, between_batches: Callable[[], None] | None = None) -> torch.Tensor:
-    """uint8 N x 3 x H x W -> float N x classes logits, on the net's device. bf16: as bf16-mixed trained.
-    `between_batches` is called before each batch after the first (a preemption ends the pass there)."""
+    """uint8 N x 3 x H x W (a tensor, or a data.Split) -> float N x classes logits, on the net's device.
+    bf16: as bf16-mixed trained. `between_batches` is called before each batch after the first (a
+    preemption ends the pass there)."""
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
@@ -59,14 +60,14 @@ def predict(net: nn.Module, images: torch.Tensor, channels_last: bool = False, t
     for start in range(0, len(images), batch_size):
         if start and between_batches is not None:
             between_batches()
-        x = normalize(images[start:start + batch_size].to(device))
+        x = images[start:start + batch_size].to(device).float() / 255
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             logits.append(model(x.contiguous(memory_format=torch.channels_last) if channels_last else x).float())
     net.train(was_training)
     return torch.cat(logits)
 
 
-def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int = 10,
+def evaluate(net: nn.Module, images, labels: torch.Tensor, num_classes: int = 10,
              channels_last: bool = False, tta: int = 0, bf16: bool = False,
              between_batches: Callable[[], None] | None = None) -> dict:
     """-> {"test_loss", "test_acc", "per_class_acc": [num_classes floats]}."""

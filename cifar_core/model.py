@@ -1,14 +1,26 @@
-"""The networks, as plain nn.Modules: logits out, no training logic."""
+"""The networks, as plain nn.Modules: images in, logits out, no training logic.
+
+`create_model(name)` is the one entry point: our three (seed_cnn, resnet9, airnet) or any of timm's
+(`timm/<name>`), wrapped in a Network that knows its input: uint8 images or floats in [0, 1],
+normalised with the mean and std its weights expect (timm's pretrained config; the seed's 0.5 for ours).
+So training, the test pass and an exported model feed it the same thing.
+"""
+
+import difflib
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from cifar_core.fetch import DatasetError, box_lock
 
 
 class SeedCNN(nn.Module):
     """The seed tutorial's CNN: convs 32-32-64-64 (3x3, no padding), two max-pools, fc 512-128-10."""
 
-    def __init__(self, num_classes: int = 10, dropout: float = 0.0):
+    def __init__(self, num_classes: int = 10, dropout: float = 0.0, image_size: int = 32):
         super().__init__()
+        side = ((image_size - 4) // 2 - 4) // 2
         self.features = nn.Sequential(
             nn.Conv2d(3, 32, 3), nn.ReLU(),
             nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
@@ -18,13 +30,17 @@ class SeedCNN(nn.Module):
         # 32 -> 30 -> 28 -> pool 14 -> 12 -> 10 -> pool 5: 64 x 5 x 5 features
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Dropout(dropout), nn.Linear(64 * 5 * 5, 512), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(64 * side * side, 512), nn.ReLU(),
             nn.Dropout(dropout), nn.Linear(512, 128), nn.ReLU(),
             nn.Linear(128, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+    @property
+    def head(self) -> nn.Module:
+        return self.classifier[-1]
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -128,16 +144,124 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
     conv.weight.requires_grad = False
 
 
+class Network(nn.Module):
+    """A network and its input contract: uint8 images (0-255) or floats in [0, 1], N x 3 x H x W, normalised
+    here with the mean and std its weights were trained with (buffers: they travel with the weights)."""
+
+    def __init__(self, body: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.body = body
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        # (x / 255 - mean) / std as one multiply (the one new tensor) and an in-place subtract
+        scale = 1 / (self.std * 255) if x.dtype == torch.uint8 else 1 / self.std
+        return (x * scale).sub_(self.mean / self.std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.normalize(x))
+
+    @property
+    def head(self) -> nn.Module:
+        """The classifier layer (what fine-tuning trains at the full lr; a new one for the data's classes)."""
+        return self.body.get_classifier() if hasattr(self.body, "get_classifier") else self.body.head
+
+
 MODELS = ("seed_cnn", "resnet9", "airnet")
+TIMM = "timm/"
+SEED_MEAN, SEED_STD = (0.5,) * 3, (0.5,) * 3  # the seed's Normalize((0.5,)*3, (0.5,)*3)
 
 
-def build_model(model: str, num_classes: int = 10, dropout: float = 0.0, width: int = 64, width_mult: int = 4,
-                activation: str = "gelu", bn_momentum: float = 0.4) -> nn.Module:
-    """The network named `model`; its arguments are what a checkpoint stores to rebuild it."""
+def timm_models() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def unknown_model(name: str) -> str | None:
+    """Why `name` names no network, with the close ones; None when it names one."""
+    if name in MODELS:
+        return None
+    if not name.startswith(TIMM):
+        return f"unknown model {name!r}; expected one of {', '.join(MODELS)}, or timm/<name> (any of timm's)"
+    known = timm_models()
+    if name[len(TIMM):] in known:
+        return None
+    close = difflib.get_close_matches(name[len(TIMM):], known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(TIMM + c) for c in close)}?" if close else \
+        "`python -c \"import timm; print(timm.list_models('*resnet*'))\"` lists them"
+    return f"not a timm model; {hint}"
+
+
+def create_model(model: str, num_classes: int = 10, dropout: float = 0.0, width: int = 64, width_mult: int = 4,
+                 activation: str = "gelu", bn_momentum: float = 0.4, image_size: int = 32,
+                 drop_path_rate: float = 0.0, pretrained: bool = False, pretrained_path: str | None = None
+                 ) -> Network:
+    """The network named `model`. Its arguments but `pretrained*` are what a checkpoint stores to rebuild it
+    (its weights then come from the checkpoint). timm's: pretrained weights from timm's hub cache, or from
+    `pretrained_path` (a safetensors or state-dict file, loaded by timm with weights_only), with the
+    classifier made anew for `num_classes`; normalised with the weights' own mean and std."""
     if model == "seed_cnn":
-        return SeedCNN(num_classes, dropout)
+        return Network(SeedCNN(num_classes, dropout, image_size), SEED_MEAN, SEED_STD)
     if model == "resnet9":
-        return ResNet9(num_classes, width, dropout)
+        return Network(ResNet9(num_classes, width, dropout), SEED_MEAN, SEED_STD)
     if model == "airnet":
-        return AirNet(num_classes, width, width_mult, activation, bn_momentum)
-    raise ValueError(f"model: unknown {model!r}; allowed: {', '.join(MODELS)}")
+        return Network(AirNet(num_classes, width, width_mult, activation, bn_momentum), SEED_MEAN, SEED_STD)
+    if problem := unknown_model(model):
+        raise ValueError(f"model={model!r}: {problem}")
+    import timm
+
+    name, options = model[len(TIMM):], {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    if not (pretrained or pretrained_path):
+        body = timm.create_model(name, num_classes=num_classes, drop_rate=dropout, **options)
+    elif pretrained_path:
+        try:
+            body = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(pretrained_path)},
+                                     num_classes=num_classes, drop_rate=dropout, **options)
+        except Exception as e:  # not a weights file, another architecture's, pickled code (weights_only)
+            raise DatasetError(f"pretrained_path={pretrained_path!r}: not weights {model} can load "
+                               f"({type(e).__name__}: {first_line(e)})") from None
+    else:
+        from huggingface_hub import constants
+
+        try:
+            body = from_hub(name, num_classes=num_classes, drop_rate=dropout, **options)
+        except Exception as e:  # no network and not in the cache, or no weights published for it
+            raise DatasetError(f"model={model!r} with pretrained=true: no weights in the hub cache "
+                               f"({constants.HF_HUB_CACHE}) and none downloaded ({type(e).__name__}: {first_line(e)})",
+                               "{0} (weights downloaded where there is network), or run it once on a box with "
+                               "network", (("pretrained_path", "FILE"),)) from None
+    return Network(body, tuple(body.pretrained_cfg["mean"]), tuple(body.pretrained_cfg["std"]))
+
+
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm loads a hub model's weights from
+
+
+def from_hub(name: str, **options) -> nn.Module:
+    """timm's network with its pretrained weights, through timm's own loader: read from the hub cache with no
+    request at all when they are there (the hub client would ask the server first, and retry for a minute
+    with no network), else downloaded once per box under box_lock, if the hub can be reached at all."""
+    import socket
+    import urllib.parse
+
+    import timm
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    config = get_pretrained_cfg(name)
+    hub_id = getattr(config, "hf_hub_id", None)
+    with box_lock(Path(constants.HF_HUB_CACHE), f"timm-{name}"):
+        if hub_id and any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in HUB_FILES):
+            offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True  # read at each call
+            try:
+                return timm.create_model(name, pretrained=True, **options)
+            finally:
+                constants.HF_HUB_OFFLINE = offline
+        endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+        return timm.create_model(name, pretrained=True, **options)
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]

@@ -10,8 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from cifar_core.data import normalize
-from cifar_core.model import AirNet, build_model, init_whitening
+from cifar_core.model import AirNet, create_model, init_whitening
 
 WHITENING_IMAGES = 5000  # training images whose patch statistics set AirNet's first layer (0.1 s on a CPU)
 
@@ -50,18 +49,21 @@ def triangle(step: int, total: int) -> float:
 class ImageClassifier(pl.LightningModule):
     def __init__(self, model: str = "seed_cnn", num_classes: int = 10, dropout: float = 0.0, width: int = 64,
                  width_mult: int = 4, activation: str = "gelu", bn_momentum: float = 0.4, whiten: bool = True,
-                 whiten_bias_epochs: float = 3.0, optimizer: str = "adam", lr: float = 2e-4,
-                 weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False, bias_lr_scale: float = 64.0,
+                 whiten_bias_epochs: float = 3.0, image_size: int = 32, drop_path_rate: float = 0.0,
+                 pretrained: bool = False, pretrained_path: str | None = None, optimizer: str = "adam",
+                 lr: float = 2e-4, weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False,
+                 bias_lr_scale: float = 64.0, backbone_lr_scale: float = 1.0, freeze_backbone_epochs: int = 0,
                  schedule: str = "constant", label_smoothing: float = 0.0, lookahead: bool = False,
                  channels_last: bool = False):
         super().__init__()
         # Saved into every checkpoint so it rebuilds without the run's config; kept out of the
         # logger because W&B's run config (set once, by wandb.init) is the record of the run.
         self.save_hyperparameters(logger=False)
-        # what rebuilds self.net (cifar_core.checkpoints.save_network)
+        # what rebuilds self.net (cifar_core.checkpoints.save_network); its weights come with it
         self.network = dict(model=model, num_classes=num_classes, dropout=dropout, width=width,
-                            width_mult=width_mult, activation=activation, bn_momentum=bn_momentum)
-        self.net = build_model(**self.network)
+                            width_mult=width_mult, activation=activation, bn_momentum=bn_momentum,
+                            image_size=image_size, drop_path_rate=drop_path_rate)
+        self.net = create_model(**self.network, pretrained=pretrained, pretrained_path=pretrained_path)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.lookahead = Lookahead() if lookahead else None
@@ -76,13 +78,20 @@ class ImageClassifier(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         # Before a resumed run's checkpoint is loaded, which then restores the layer it saved.
-        if stage == "fit" and isinstance(self.net, AirNet) and self.hparams.whiten:
-            images = self.trainer.datamodule.train_set[0][:WHITENING_IMAGES]
-            init_whitening(self.net.whiten, normalize(images.to(self.device)))
+        if stage == "fit" and isinstance(self.net.body, AirNet) and self.hparams.whiten:
+            images = self.trainer.datamodule.train_set[:WHITENING_IMAGES]
+            init_whitening(self.net.body.whiten, self.net.normalize(images.to(self.device)))
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        head = {id(p) for p in self.net.head.parameters()}
+        return [p for p in self.net.parameters() if id(p) not in head]
 
     def on_train_epoch_start(self) -> None:
-        if isinstance(self.net, AirNet):  # the whitening layer's bias learns for the first epochs only
-            self.net.whiten.bias.requires_grad_(self.current_epoch < self.hparams.whiten_bias_epochs)
+        if isinstance(self.net.body, AirNet):  # the whitening layer's bias learns for the first epochs only
+            self.net.body.whiten.bias.requires_grad_(self.current_epoch < self.hparams.whiten_bias_epochs)
+        if self.hparams.freeze_backbone_epochs:  # the head alone first, then all of it
+            for p in self.backbone_parameters():
+                p.requires_grad_(self.current_epoch >= self.hparams.freeze_backbone_epochs)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -153,12 +162,17 @@ class ImageClassifier(pl.LightningModule):
         if hp.optimizer == "sgd_scaled":
             optimizer = torch.optim.SGD(self.parameter_groups(hp.lr, hp.weight_decay), momentum=hp.momentum,
                                         nesterov=True)
-        elif hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
-                                        nesterov=hp.nesterov and hp.momentum > 0, weight_decay=hp.weight_decay)
         else:
-            optimizer_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
-            optimizer = optimizer_cls(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+            # The backbone at backbone_lr_scale times the head's lr: a pretrained one needs less change.
+            head = list(self.net.head.parameters())
+            groups = [{"params": self.backbone_parameters(), "lr": hp.lr * hp.backbone_lr_scale},
+                      {"params": head, "lr": hp.lr}]
+            if hp.optimizer == "sgd":
+                optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum,
+                                            nesterov=hp.nesterov and hp.momentum > 0, weight_decay=hp.weight_decay)
+            else:
+                optimizer_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+                optimizer = optimizer_cls(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.schedule == "constant":
             return optimizer
         steps = int(self.trainer.estimated_stepping_batches)

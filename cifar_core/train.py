@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from cifar_core.checkpoints import (BEST, PREEMPT_CHECKPOINT, BestModel, EndFitOnRequest, checkpoint_dir, end_fit,
                                     find_resume_checkpoint, git_commit, log_resume_artifact)
 from cifar_core.config import TrainConfig
-from cifar_core.data import CIFAR10DataModule
+from cifar_core.data import datamodule_for
 from cifar_core.evaluate import evaluate, inference
 from cifar_core.predictions import log_predictions
 from cifar_core.stopping import (COMPLETED, DIVERGED, EARLY_STOPPING, EXIT_CODES, PREEMPT, StopRequests,
@@ -55,19 +55,16 @@ def preempted(run, ender: EndFitOnRequest, message: str) -> Preempted:
     return Preempted(message)
 
 
-def build_datamodule(config: TrainConfig) -> CIFAR10DataModule:
-    return CIFAR10DataModule(data_dir=config.data_dir, dataset=config.dataset, batch_size=config.batch_size,
-                             val_fraction=config.val_fraction, augment=config.augment, flip=config.flip,
-                             translate=config.translate, num_workers=config.num_workers, seed=config.seed)
-
-
 def build_system(config: TrainConfig, num_classes: int = 10) -> ImageClassifier:
     system = ImageClassifier(model=config.model, num_classes=num_classes, dropout=config.dropout,
                              width=config.width, width_mult=config.width_mult, activation=config.activation,
                              bn_momentum=config.bn_momentum, whiten=config.whiten,
-                             whiten_bias_epochs=config.whiten_bias_epochs, optimizer=config.optimizer, lr=config.lr,
+                             whiten_bias_epochs=config.whiten_bias_epochs, image_size=config.resolution,
+                             drop_path_rate=config.drop_path_rate, pretrained=config.pretrained,
+                             pretrained_path=config.pretrained_path, optimizer=config.optimizer, lr=config.lr,
                              weight_decay=config.weight_decay, momentum=config.momentum, nesterov=config.nesterov,
-                             bias_lr_scale=config.bias_lr_scale, schedule=config.schedule,
+                             bias_lr_scale=config.bias_lr_scale, backbone_lr_scale=config.backbone_lr_scale,
+                             freeze_backbone_epochs=config.freeze_backbone_epochs, schedule=config.schedule,
                              label_smoothing=config.label_smoothing, lookahead=config.lookahead,
                              channels_last=config.channels_last)
     if config.compile:
@@ -127,9 +124,12 @@ class FitClock(pl.Callback):
 
 
 def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], requests: StopRequests) -> dict:
-    began = time.perf_counter()
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(config)
+    began = time.perf_counter()
+    datamodule = datamodule_for(config)
+    datamodule.prepare_data()
+    datamodule.load()  # the classes, before the network is made for them
+    run.summary.update({**datamodule.notes, "trial/data_s": time.perf_counter() - began})
     system = build_system(config, num_classes=len(datamodule.classes))
     ckpt_dir = checkpoint_dir(Path(run.dir).parent)
     best = BestModel(run, ckpt_dir / BEST, config.monitor, config.monitor_mode,
@@ -182,13 +182,15 @@ def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], req
         best.weights = {k: v.detach().to("cpu", copy=True) for k, v in system.net.state_dict().items()}
         best.epoch = trainer.current_epoch
     system.net.load_state_dict(best.weights)
-    test = evaluate(system.net, *datamodule.test_set, num_classes=len(datamodule.classes), **inference(config),
+    test_set = datamodule.test_set
+    test = evaluate(system.net, test_set, test_set.labels, num_classes=len(datamodule.classes), **inference(config),
                     between_batches=lambda: unless_preempted("the end of the test pass"))
     test.pop("per_class_acc")
     trainer.logger.log_metrics(test, step=trainer.global_step)
     tested = time.perf_counter()
     unless_preempted("logging")
-    log_predictions(trainer.logger, system.net, *(t[:EXAMPLES] for t in datamodule.val_set), datamodule.classes,
+    examples = datamodule.val_set
+    log_predictions(trainer.logger, system.net, examples[:EXAMPLES], examples.labels[:EXAMPLES], datamodule.classes,
                     trainer.global_step, **inference(config))
     best.save_and_log(system.network, **test)
     # Where a trial's time goes, beside its metrics (agent/run.py adds its start-up).

@@ -47,6 +47,51 @@ def write_cifar(root: Path, per_batch: int = 40, n_test: int = 50, seed: int = 0
     return root
 
 
+def write_cifar100(root: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> Path:
+    """Writes root/cifar-100-python like the official archive (fine and coarse labels), tiny."""
+    out = root / "cifar-100-python"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train", n_train), ("test", n_test)):
+        batch = {b"fine_labels": rng.integers(0, 100, n).tolist(), b"coarse_labels": rng.integers(0, 20, n).tolist(),
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+        (out / name).write_bytes(pickle.dumps(batch))
+    meta = {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}
+    (out / "meta").write_bytes(pickle.dumps(meta))
+    return root
+
+
+FOLDER_CLASSES = ("cat", "dog", "fish")
+# Every image of a folder cycles through these: the formats, modes and sizes users' folders hold.
+FORMATS = (("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("BMP", "BMP"), ("PNG", "PNG"), ("JPEG", "JPEG"))
+MODES = ("RGB", "L", "RGBA", "P")
+SIZES = ((40, 30), (64, 64), (23, 50), (100, 80))
+
+
+def write_image_folder(root: Path, splits: dict[str, int] | None = None, classes=FOLDER_CLASSES, seed: int = 0) -> Path:
+    """root/<split>/<class>/<image>, `splits` giving the images per class of each (default train: 8): each class
+    a colour plus noise (learnable), the images of mixed sizes, modes and formats, upper-case extensions too."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    i = 0
+    for split, per_class in (splits or {"train": 8}).items():
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = np.array([255 * (label == 0), 255 * (label == 1), 255 * (label == 2)])
+            for _ in range(per_class):
+                (width, height), (kind, suffix), mode = SIZES[i % 4], FORMATS[i % 6], MODES[i % 4]
+                pixels = np.clip(colour + rng.normal(0, 40, (height, width, 3)), 0, 255).astype(np.uint8)
+                image = Image.fromarray(pixels).convert(mode)
+                if kind in ("JPEG", "BMP") and mode in ("RGBA", "P"):
+                    image = image.convert("RGB")  # what those formats cannot store
+                image.save(folder / f"{i:03d}.{suffix}", kind)
+                i += 1
+    return root
+
+
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory) -> Path:
     return write_cifar(tmp_path_factory.mktemp("cifar"))

@@ -18,9 +18,10 @@ from agent.best import best
 from agent.errors import UsageError
 from agent.run import make_config, parse_flags
 from agent.store import Store
-from cifar_core.data import CLASSES, normalize, synthetic_images, synthetic_splits
 from cifar_core.checkpoints import save_network
-from cifar_core.model import build_model
+from cifar_core.data import CIFAR10_CLASSES as CLASSES
+from cifar_core.data import synthetic_images, synthetic_splits
+from cifar_core.model import create_model
 from cifar_core.system import ImageClassifier
 from tests.conftest import HYPERBAND
 from tests.helpers import agent_command, leet_summary
@@ -30,13 +31,18 @@ pytestmark = [pytest.mark.slow, HYPERBAND]  # the session's hyperband sweep: one
 # Run in a process where neither this checkout nor any installed copy of the project can be imported.
 CLEAN_CHECK = r"""
 import json, sys
-sys.modules.update(cifar_core=None, agent=None)  # None in sys.modules: `import cifar_core` fails
+sys.modules.update(cifar_core=None, agent=None, timm=None)  # None in sys.modules: `import cifar_core` fails
 import torch
-extra = {"class_names.json": ""}
-model = torch.jit.load(sys.argv[1], _extra_files=extra)
+extra = {"class_names.json": "", "input.json": ""}
+model = torch.export.load(sys.argv[1], extra_files=extra).module()
 x = torch.load(sys.argv[2])
-print(json.dumps({"predict": model.predict(x).tolist(), "argmax": model(x).argmax(-1).tolist(),
-                  "class_names": list(model.class_names), "extra": json.loads(extra["class_names.json"])}))
+try:
+    model((x * 255).round().byte())
+    uint8 = "accepted"
+except RuntimeError as e:
+    uint8 = str(e).strip().splitlines()[-1]
+print(json.dumps({"floats": model(x).argmax(-1).tolist(), "0-255": model(x * 255).argmax(-1).tolist(), "uint8": uint8,
+                  "class_names": json.loads(extra["class_names.json"]), "input": json.loads(extra["input.json"])}))
 """
 
 
@@ -63,10 +69,10 @@ def report(capsys, target, evaluate=False, export=None) -> dict:
 def checkpoint_predictions(path: Path, images: torch.Tensor) -> list[int]:
     """Independently of agent.best: the network as training built it, from the checkpoint."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    net = build_model(**checkpoint["network"])
+    net = create_model(**checkpoint["network"])
     net.load_state_dict(checkpoint["state_dict"])
     with torch.inference_mode():
-        return net.eval()(normalize(images)).argmax(-1).tolist()
+        return net.eval()(images).argmax(-1).tolist()
 
 
 def run_clean(model: Path, images: torch.Tensor, tmp_path: Path) -> dict:
@@ -108,14 +114,15 @@ def test_evaluate_reproduces_the_logged_test_accuracy_with_a_per_class_table(swe
 
 
 def test_export_runs_without_the_project_and_predicts_as_the_checkpoint(sweep, capsys, tmp_path):
-    model = tmp_path / "best.pt"
+    model = tmp_path / "best.pt2"
     out = report(capsys, sweep.dir, export=str(model))
     assert out["exported"].startswith(str(model))
     _, (images, _) = synthetic_splits(sweep.trial.config.get("seed", 0))
     got = run_clean(model, images[:100], tmp_path)
     expected = checkpoint_predictions(Path(out["checkpoint"]), images[:100])
-    assert got["predict"] == got["argmax"] == expected
-    assert got["class_names"] == got["extra"] == list(CLASSES)
+    assert got["floats"] == got["0-255"] == expected  # floats in 0-255 are scaled, not scored as [0, 1]
+    assert got["uint8"] == "Tensor dtype mismatch! Expected: Float, Got: unsigned char"  # refused, not misread
+    assert got["class_names"] == list(CLASSES) and got["input"]["shape"] == ["N", 3, 32, 32]
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +156,7 @@ def test_wandb_sweep_best_run_and_its_best_model_artifact(sweep, mocker, capsys,
     assert out["test_acc"].startswith(f"{logged} (logged by the trial: 0.5000)")
 
 
-def test_a_compiled_resnet9_checkpoint_exports_by_tracing(mocker, capsys, tmp_path):
+def test_a_compiled_resnet9_checkpoint_exports(mocker, capsys, tmp_path):
     torch.manual_seed(0)
     system = ImageClassifier(model="resnet9", width=8).eval()
     system.net.compile()  # as build_system compiles: in place, so the saved names are the plain ones
@@ -157,11 +164,11 @@ def test_a_compiled_resnet9_checkpoint_exports_by_tracing(mocker, capsys, tmp_pa
     folder.mkdir()
     save_network(folder / "model.ckpt", system.network, system.net.state_dict())
     wandb_api(mocker, "r9", {"dataset": "synthetic", "model": "resnet9", "width": 8, "compile": True}, folder)
-    out = report(capsys, "ent/proj/swp", export=str(tmp_path / "r9.pt"))
+    out = report(capsys, "ent/proj/swp", export=str(tmp_path / "r9.pt2"))
     assert "--model=resnet9" in out["config"] and "--compile=true" in out["config"]
     images, _ = synthetic_images(40, 7)
-    got = run_clean(tmp_path / "r9.pt", images, tmp_path)
-    assert got["predict"] == checkpoint_predictions(folder / "model.ckpt", images)
+    got = run_clean(tmp_path / "r9.pt2", images, tmp_path)
+    assert got["floats"] == checkpoint_predictions(folder / "model.ckpt", images)
 
 
 def test_cifar10_trials_evaluate_on_their_data_dir_and_missing_data_is_named(mocker, capsys, tmp_path, sweep,
@@ -169,11 +176,11 @@ def test_cifar10_trials_evaluate_on_their_data_dir_and_missing_data_is_named(moc
     shutil.copy(sweep.run_dir / "checkpoints" / "best.ckpt", tmp_path / "model.ckpt")
     wandb_api(mocker, "abc", {"dataset": "cifar10", "data_dir": str(cifar_dir)}, tmp_path)
     out = report(capsys, "ent/proj/swp", evaluate=True)
-    assert re.fullmatch(r"0\.\d{4} \(logged by the trial: 0\.5000\) on 50 images, CIFAR-10 test \(.*\)",
-                        out["test_acc"])
+    assert re.fullmatch(rf"0\.\d{{4}} \(logged by the trial: 0\.5000\) on 50 images, cifar10 test split of "
+                        rf"{cifar_dir}", out["test_acc"])
     assert sum(line.split()[:1] == [name] for line in out["out"].splitlines() for name in CLASSES) == 10
     wandb_api(mocker, "abc", {"dataset": "cifar10", "data_dir": str(tmp_path / "nodata")}, tmp_path)
-    with pytest.raises(UsageError, match=r"nodata/cifar-10-batches-py: CIFAR-10 test data missing"):
+    with pytest.raises(UsageError, match=r"nodata/cifar-10-batches-py/batches.meta: missing"):
         best("ent/proj/swp", True, None)
 
 

@@ -1,4 +1,4 @@
-"""fetch_cifar10: one download per box, one line when there is no data and no network; CIFAR10_DATA_DIR."""
+"""fetch: one download per box, one line when there is no data and no network; CIFAR10_DATA_DIR."""
 
 import hashlib
 import os
@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 import urllib.error
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 
 from agent.__main__ import main
 from cifar_core.config import TrainConfig
-from cifar_core.fetch import DatasetError, fetch_cifar10
+from cifar_core.fetch import ARCHIVES, DatasetError, fetch
 from tests.conftest import write_cifar
 from tests.helpers import REPO, wait_for
 
@@ -23,18 +24,18 @@ from tests.helpers import REPO, wait_for
 TWO_PROCESS_FETCH = """
 import os, shutil, sys
 from pathlib import Path
-from cifar_core.fetch import fetch_cifar10
+from cifar_core.fetch import fetch
 from tests.helpers import wait_for
 
 data_dir, archive, handshake = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 
-def slow_download(dest):
+def slow_download(archive_spec, dest):
     with (handshake / "calls").open("a") as f:
         f.write(f"{os.getpid()}\\n")
     wait_for((handshake / "go").exists, "the test's go-ahead", timeout=60)
     shutil.copy(archive, dest)
 
-batches = fetch_cifar10(data_dir, download=slow_download)
+batches = fetch("cifar10", data_dir, download=slow_download)
 print(batches, sorted((p.name, p.stat().st_size) for p in batches.iterdir()))
 """
 
@@ -53,7 +54,7 @@ def listing(folder: Path) -> list[tuple[str, int]]:
 
 
 def copying(archive: Path, calls: list):
-    def download(dest: Path):
+    def download(archive_spec, dest: Path):
         calls.append(dest)
         shutil.copy(archive, dest)
     return download
@@ -62,23 +63,23 @@ def copying(archive: Path, calls: list):
 def test_unpacks_the_download_into_place_once_then_finds_it(tmp_path, monkeypatch):
     archive, calls = make_archive(tmp_path), []
     monkeypatch.chdir(tmp_path)
-    batches = fetch_cifar10("data", download=copying(archive, calls))
+    batches = fetch("cifar10", "data", download=copying(archive, calls))
     assert batches == tmp_path / "data" / "cifar-10-batches-py" and batches.is_absolute()
     assert listing(batches) == listing(tmp_path / "source" / "cifar-10-batches-py")
-    assert fetch_cifar10(tmp_path / "data", download=copying(archive, calls)) == batches
+    assert fetch("cifar10", tmp_path / "data", download=copying(archive, calls)) == batches
     assert len(calls) == 1 and sorted(p.name for p in (tmp_path / "data").iterdir()) == [
         ".cifar-10-download.lock", "cifar-10-batches-py"]  # the archive and the work folder are gone
 
 
 def test_the_real_downloader_streams_and_checks_the_md5(tmp_path, monkeypatch):
     archive = make_archive(tmp_path)
-    monkeypatch.setattr("cifar_core.fetch.ARCHIVE_URL", archive.as_uri())
-    monkeypatch.setattr("cifar_core.fetch.ARCHIVE_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
-    assert listing(fetch_cifar10(tmp_path / "data")) == listing(tmp_path / "source" / "cifar-10-batches-py")
+    monkeypatch.setitem(ARCHIVES, "cifar10", replace(ARCHIVES["cifar10"], url=archive.as_uri(),
+                                                     md5=hashlib.md5(archive.read_bytes()).hexdigest()))
+    assert listing(fetch("cifar10", tmp_path / "data")) == listing(tmp_path / "source" / "cifar-10-batches-py")
 
 
 def fails_with(error: Exception):
-    def download(dest: Path):
+    def download(archive_spec, dest: Path):
         dest.write_bytes(b"part of an archive")
         raise error
     return download
@@ -91,15 +92,15 @@ def fails_with(error: Exception):
     (fails_with(OSError(28, "No space left on device")), "download failed: OSError: [Errno 28] No space left"),
     (None, f"download failed: ValueError: md5 mismatch: got {hashlib.md5(b'not the archive').hexdigest()}, "
            "expected c58f30108f718f92721af3b95e74349a"),
-    (lambda dest: dest.write_bytes(b"\x1f\x8b not really gzip"), "download failed: ReadError:"),
+    (lambda archive, dest: dest.write_bytes(b"\x1f\x8b not really gzip"), "download failed: ReadError:"),
 ])
 def test_no_data_and_no_download_is_one_line_with_the_path_and_the_three_fixes(tmp_path, monkeypatch, download,
                                                                                   reason):
     (tmp_path / "other.tar.gz").write_bytes(b"not the archive")  # what a captive portal might serve
-    monkeypatch.setattr("cifar_core.fetch.ARCHIVE_URL", (tmp_path / "other.tar.gz").as_uri())
+    monkeypatch.setitem(ARCHIVES, "cifar10", replace(ARCHIVES["cifar10"], url=(tmp_path / "other.tar.gz").as_uri()))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DatasetError) as e:
-        fetch_cifar10("data", **({"download": download} if download else {}))
+        fetch("cifar10", "data", **({"download": download} if download else {}))
     line = str(e.value)
     assert "\n" not in line and line.startswith(f"{tmp_path}/data/cifar-10-batches-py: no CIFAR-10 data there (")
     assert reason in line
@@ -112,7 +113,7 @@ def test_no_data_and_no_download_is_one_line_with_the_path_and_the_three_fixes(t
 def test_an_archive_cut_short_leaves_no_half_folder_behind(tmp_path):
     whole = make_archive(tmp_path).read_bytes()
     with pytest.raises(DatasetError, match="download failed: (EOFError|ReadError)"):
-        fetch_cifar10(tmp_path / "data", download=lambda dest: dest.write_bytes(whole[:len(whole) // 2]))
+        fetch("cifar10", tmp_path / "data", download=lambda archive, dest: dest.write_bytes(whole[:len(whole) // 2]))
     assert not (tmp_path / "data" / "cifar-10-batches-py").exists()
     assert not (tmp_path / "data" / ".cifar-10-download.tmp").exists()
 
@@ -122,7 +123,7 @@ def test_a_killed_downloads_leftovers_are_not_data_and_are_cleared(tmp_path):
     leftover = tmp_path / "data" / ".cifar-10-download.tmp" / "cifar-10-batches-py"
     leftover.mkdir(parents=True)
     (leftover / "data_batch_1").write_bytes(b"half")
-    batches = fetch_cifar10(tmp_path / "data", download=copying(archive, calls))
+    batches = fetch("cifar10", tmp_path / "data", download=copying(archive, calls))
     assert len(calls) == 1 and listing(batches) == listing(tmp_path / "source" / "cifar-10-batches-py")
     assert not leftover.parent.exists()
 
@@ -130,7 +131,7 @@ def test_a_killed_downloads_leftovers_are_not_data_and_are_cleared(tmp_path):
 def test_a_data_dir_that_cannot_be_made_says_so_in_one_line(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(DatasetError) as e:
-        fetch_cifar10(tmp_path / "a-file" / "data", download=fails_with(AssertionError("must not download")))
+        fetch("cifar10", tmp_path / "a-file" / "data", download=fails_with(AssertionError("must not download")))
     assert str(e.value).startswith(f"{tmp_path}/a-file/data/cifar-10-batches-py: no CIFAR-10 data there "
                                    f"(cannot write there: NotADirectoryError:")
 
@@ -184,7 +185,7 @@ def test_the_data_dir_default_is_CIFAR10_DATA_DIR_read_when_a_config_is_made(mon
 
 def test_agent_local_with_no_data_names_the_fixes_as_the_sweep_writes_them(tmp_path, monkeypatch, capsys):
     (tmp_path / "other.tar.gz").write_bytes(b"not the archive")
-    monkeypatch.setattr("cifar_core.fetch.ARCHIVE_URL", (tmp_path / "other.tar.gz").as_uri())
+    monkeypatch.setitem(ARCHIVES, "cifar10", replace(ARCHIVES["cifar10"], url=(tmp_path / "other.tar.gz").as_uri()))
     sweep = yaml.safe_load((REPO / "sweeps" / "bayes.yaml").read_text())
     sweep["parameters"]["data_dir"] = {"value": str(tmp_path / "data")}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))

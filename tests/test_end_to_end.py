@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar_core.data import CLASSES
+from cifar_core.data import CIFAR10_CLASSES as CLASSES
 from cifar_core.predictions import parse_caption
 from tests.helpers import agent_command, leet_records, leet_summary
 

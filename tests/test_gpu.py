@@ -11,6 +11,7 @@ import wandb
 from cifar_core.checkpoints import load_network
 from cifar_core.config import TrainConfig
 from cifar_core.train import train
+from tests.conftest import write_image_folder
 from tests.helpers import agent_command, fresh_env
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -24,7 +25,7 @@ class OnTheDevice(pl.Callback):
     """Records where the data and the network are once training starts."""
 
     def on_train_start(self, trainer, pl_module):
-        self.data = trainer.datamodule.train_set[0].device
+        self.data = trainer.datamodule.train_set.images.device
         self.net = next(pl_module.net.parameters()).device
 
 
@@ -41,6 +42,15 @@ def test_the_recipe_trains_on_the_gpu_with_its_data_there(in_tmp, precision, cha
     result = train(TrainConfig(**RECIPE, precision=precision, channels_last=channels_last), callbacks=[where])
     assert where.data.type == "cuda" and where.net.type == "cuda"
     assert result["test_acc"] > 0.5  # synthetic classes are easy: chance is 0.1
+
+
+def test_an_image_folder_lives_on_the_gpu_and_a_timm_network_trains_there(in_tmp):
+    where = OnTheDevice()
+    root = write_image_folder(in_tmp / "pets", {"train": 8, "val": 2})
+    result = train(TrainConfig(dataset="imagefolder", data_dir=str(root), image_size=32, cache_dir=str(in_tmp / "c"),
+                               model="timm/test_resnet", augment=True, batch_size=8, max_epochs=2,
+                               precision="bf16-mixed"), callbacks=[where])
+    assert where.data.type == "cuda" and where.net.type == "cuda" and result["steps"] == 6
 
 
 def test_a_compiled_net_saves_the_names_an_uncompiled_one_loads(in_tmp):

@@ -11,9 +11,10 @@ from torch import nn
 
 from cifar_core.checkpoints import load_network
 from cifar_core.config import TrainConfig
-from cifar_core.data import CIFAR10DataModule, normalize, translate_flip_batch
+from cifar_core.augment import translate_flip_batch
+from cifar_core.data import ImageDataModule
 from cifar_core.evaluate import TTA, evaluate, inference
-from cifar_core.model import build_model, init_whitening
+from cifar_core.model import create_model, init_whitening
 from cifar_core.system import WHITENING_IMAGES, Lookahead, triangle
 from cifar_core.train import train
 from tests.helpers import leet_records, records_of
@@ -29,7 +30,7 @@ def test_whitening_makes_the_patches_uncorrelated_with_unit_variance():
     torch.manual_seed(0)
     mixing = torch.randn(3, 3)  # correlated channels: whitening must undo the mixing
     images = torch.einsum("ij,njhw->nihw", mixing, torch.randn(400, 3, 16, 16))
-    net = build_model("airnet", width=8)
+    net = create_model("airnet", width=8).body
     init_whitening(net.whiten, images, eps=0.0)
     with torch.no_grad():
         out = nn.functional.conv2d(images, net.whiten.weight[:12])  # the +V half; the other half is -V
@@ -51,14 +52,14 @@ def test_translate_and_flip_move_pixels_as_reflect_padding_and_mirroring_do():
 
 
 def test_alternating_flips_show_every_image_both_ways_in_two_epochs():
-    dm = CIFAR10DataModule(dataset="synthetic", batch_size=64, flip="alternating")
+    dm = ImageDataModule(dataset="synthetic", batch_size=64, flip="alternating")
     dm.setup()
     images, labels, index = next(iter(dm.train_dataloader()))
     seen = []
     for epoch in (0, 1, 2):
         dm.trainer = SimpleNamespace(training=True, current_epoch=epoch)
         seen.append(dm.on_after_batch_transfer((images, labels, index), 0)[0])
-    flipped = [torch.isclose(s, (images.float() / 127.5 - 1).flip(-1)).flatten(1).all(1) for s in seen]
+    flipped = [(s == images.flip(-1)).flatten(1).all(1) for s in seen]
     assert torch.equal(flipped[0], ~flipped[1]) and torch.equal(flipped[0], flipped[2])
     assert 0 < flipped[0].sum() < len(index)
 
@@ -78,13 +79,14 @@ def test_lookahead_ends_on_the_average_and_the_schedule_is_the_records():
     assert [round(triangle(s, 100), 3) for s in (0, 23, 100)] == [0.2, 1.0, 0.07]
 
 
-def test_tta_scripts_to_the_same_logits_and_level_1_is_the_mirror_mean():
+def test_tta_exports_to_the_same_logits_and_level_1_is_the_mirror_mean():
     torch.manual_seed(0)
-    net = build_model("airnet", width=8).eval()
-    x = torch.randn(4, 3, 32, 32)
+    net = create_model("airnet", width=8).eval()
+    x = torch.rand(4, 3, 32, 32)
     for level in (0, 1, 2):
         eager = TTA(net, level)(x)
-        assert torch.allclose(torch.jit.script(TTA(net, level))(x), eager, atol=1e-5)
+        exported = torch.export.export(TTA(net, level).eval(), (x,)).module()
+        assert torch.allclose(exported(x), eager, atol=1e-5)
     assert torch.allclose(TTA(net, 1)(x), 0.5 * (net(x) + net(x.flip(-1))))
 
 
@@ -101,14 +103,14 @@ def recipe_run(offline_env, tmp_path, monkeypatch):
 def test_the_recipe_trains_in_a_normal_trial_and_its_best_model_scores_as_logged(recipe_run):
     config, result = recipe_run
     net, saved = load_network(result["best_checkpoint"])
-    dm = CIFAR10DataModule(dataset="synthetic", seed=config.seed)
+    dm = ImageDataModule(dataset="synthetic", seed=config.seed)
     dm.setup()
-    rescored = evaluate(net, *dm.test_set, **inference(config))  # the trial's own test pass, TTA included
+    rescored = evaluate(net, dm.test_set, dm.test_set.labels, **inference(config))  # its own test pass, TTA too
     assert rescored["test_acc"] == pytest.approx(result["test_acc"], abs=1e-6)
     assert saved["epoch"] == result["best_epoch"]
-    whitening = build_model("airnet", width=8).whiten  # trained, the layer must still be what the data set it to
-    init_whitening(whitening, normalize(dm.train_set[0][:WHITENING_IMAGES]))
-    assert torch.equal(net.whiten.weight, whitening.weight)
+    whitening = create_model("airnet", width=8)  # trained, the layer must still be what the data set it to
+    init_whitening(whitening.body.whiten, whitening.normalize(dm.train_set[:WHITENING_IMAGES]))
+    assert torch.equal(net.body.whiten.weight, whitening.body.whiten.weight)
     run_dir = os.path.dirname(os.path.dirname(result["best_checkpoint"]))
     final = [a for a in records_of(leet_records(run_dir), "artifact") if a["type"] == "model"][-1]
     assert json.loads(final["metadata"])["config"]["tta"] == 2
