@@ -13,7 +13,8 @@ Writes an image folder from the bundled JPEG copy of CIFAR-10: train/<class>/ wi
                  epoch), num_workers = the cores, as a user would set it
 
 Goals: later trials at their first step <= 1 s after the data step begins; the data path >= 10x.
-Last measured: see the README ("Your own images").
+Last measured (2 CPU cores, AMD EPYC, no GPU; bench/results/folder_speed.json): the first trial 8.94 s (it
+decodes the 10,000 images), later ones 0.23-0.35 s; the data path 46,727 images/s against 2,588: 18.1x.
 """
 
 import argparse
