@@ -89,7 +89,9 @@ def local_command(args) -> int:
     from agent.status import SweepView
     from agent.validate import load_sweep, runs_our_program, sweep_problems
 
-    gpus = parse_gpus(args.gpus, "local") if args.gpus else [None] * args.workers
+    if args.gpus_per_trial > 1 and not args.gpus:
+        raise UsageError("--gpus-per-trial needs --gpus (without GPUs, set the config's devices in the YAML)")
+    gpus = parse_gpus(args.gpus, "local", args.gpus_per_trial) if args.gpus else [None] * args.workers
     sweep = load_sweep(args.sweep)
     if problems := sweep_problems(sweep):
         raise UsageError(f"{args.sweep}: " + "; ".join(problems))
@@ -121,7 +123,7 @@ def launch_command(args) -> int:
     from agent.launch import Launcher
 
     launcher = Launcher(args.sweep_path, args.gpus, args.agents_per_gpu, args.count, args.stagger, args.max_restarts,
-                        warm=not args.cold)
+                        warm=not args.cold, gpus_per_trial=args.gpus_per_trial)
     return launcher.dry_run() if args.dry_run else launcher.run()
 
 
@@ -167,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "YAML's run_cap, a grid's size, or no limit)")
     workers = local.add_mutually_exclusive_group()
     workers.add_argument("--workers", type=positive_int, default=1, metavar="N", help="trials in parallel (default 1)")
-    workers.add_argument("--gpus", help="one trial at a time per GPU: all (every GPU torch sees) or a list like 0,1 "
-                                        "(sets CUDA_VISIBLE_DEVICES)")
+    workers.add_argument("--gpus", help="one trial at a time per GPU (or per group, --gpus-per-trial): all (every GPU "
+                                        "torch sees) or a list like 0,1 (sets CUDA_VISIBLE_DEVICES)")
+    local.add_argument("--gpus-per-trial", type=positive_int, default=1, metavar="N",
+                       help="GPUs of each trial (DDP, one process per GPU): --gpus in groups of N (default 1)")
     local.add_argument("--dir", help="state and runs (default: a new ./sweeps-local/SWEEP_ID)")
     local.add_argument("--sweep-id", help="use this id (e.g. of a W&B sweep made from the same YAML, so the "
                                           "runs join it on `wandb sync`); default: a new random id")
@@ -205,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("sweep_path", metavar="ENTITY/PROJECT/SWEEP_ID")
     launch.add_argument("--gpus", default="all", help="all (every GPU torch sees) or a list like 0,1,3")
     launch.add_argument("--agents-per-gpu", type=positive_int, default=1, metavar="N",
-                        help="agents sharing each GPU (default 1)")
+                        help="agents sharing each GPU, or each group of --gpus-per-trial (default 1)")
+    launch.add_argument("--gpus-per-trial", type=positive_int, default=1, metavar="N",
+                        help="GPUs of each run (DDP, one process per GPU): --gpus in groups of N, an agent per group "
+                             "(default 1)")
     launch.add_argument("--count", type=positive_int, metavar="N",
                         help="runs per agent, as `wandb agent --count` (default: until the sweep ends)")
     launch.add_argument("--stagger", type=seconds, default=10.0, metavar="SECONDS",

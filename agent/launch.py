@@ -63,18 +63,24 @@ def visible_gpus() -> list[str]:
     return inherited[:count] if inherited else [str(i) for i in range(count)]
 
 
-def parse_gpus(spec: str, command: str = "launch") -> list[str | None]:
-    """`all` -> every GPU torch sees ([None]: one CPU slot when there is none); `0,1,3` -> those."""
+def parse_gpus(spec: str, command: str = "launch", per_trial: int = 1) -> list[str | None]:
+    """The slots: `all` -> every GPU torch sees ([None]: one CPU slot when there is none); `0,1,3` -> those;
+    with `per_trial` N, groups of N in order (`0,1` and `2,3`), each a slot's CUDA_VISIBLE_DEVICES."""
     if spec == "all":
         gpus = visible_gpus()
         if not gpus:
             slot = "agent" if command == "launch" else "trial at a time"
             print(f"{command}: no GPU visible to torch; running one CPU {slot}", file=sys.stderr)
-        return gpus or [None]
-    gpus = [g.strip() for g in spec.split(",") if g.strip()]
-    if not gpus or not all(g.isdigit() for g in gpus):
-        raise UsageError(f"--gpus={spec!r}: expected all or a comma-separated list of GPU indices like 0,1,3")
-    return gpus
+    else:
+        gpus = [g.strip() for g in spec.split(",") if g.strip()]
+        if not gpus or not all(g.isdigit() for g in gpus):
+            raise UsageError(f"--gpus={spec!r}: expected all or a comma-separated list of GPU indices like 0,1,3")
+    if not gpus:
+        return [None]
+    if len(gpus) % per_trial:
+        raise UsageError(f"--gpus-per-trial={per_trial}: {len(gpus)} GPUs ({','.join(gpus)}) do not split into "
+                         f"groups of {per_trial}")
+    return [",".join(gpus[i:i + per_trial]) for i in range(0, len(gpus), per_trial)]
 
 
 @dataclass
@@ -90,7 +96,7 @@ class AgentSlot:
 
     @property
     def name(self) -> str:
-        return f"gpu{self.gpu}.{self.index}" if self.gpu is not None else f"cpu.{self.index}"
+        return f"gpu{self.gpu.replace(',', '+')}.{self.index}" if self.gpu is not None else f"cpu.{self.index}"
 
 
 def agent_command(sweep_path: str, count: int | None) -> list[str]:
@@ -100,14 +106,15 @@ def agent_command(sweep_path: str, count: int | None) -> list[str]:
 
 class Launcher:
     def __init__(self, sweep_path: str, gpus: str, agents_per_gpu: int, count: int | None,
-                 stagger: float, max_restarts: int, warm: bool = True):
+                 stagger: float, max_restarts: int, warm: bool = True, gpus_per_trial: int = 1):
         if not SWEEP_PATH.fullmatch(sweep_path):
             raise UsageError(f"{sweep_path!r}: expected ENTITY/PROJECT/SWEEP_ID")
         if agents_per_gpu < 1:
             raise UsageError("--agents-per-gpu must be at least 1")
         self.sweep_path = sweep_path
         self.command = agent_command(sweep_path, count)
-        self.slots = [AgentSlot(gpu, i) for gpu in parse_gpus(gpus) for i in range(agents_per_gpu)]
+        self.slots = [AgentSlot(gpu, i) for gpu in parse_gpus(gpus, "launch", gpus_per_trial)
+                      for i in range(agents_per_gpu)]
         self.stagger, self.max_restarts = stagger, max_restarts
         self.stopped_by: int | None = None  # the signal that stopped the launcher
         self.forwarded = False  # whether the agents have been told

@@ -145,6 +145,7 @@ def run(argv: list[str]) -> dict:
         except UsageError:
             run.finish(exit_code=2)
             raise
+        from cifar_core.ddp import RankDied
         from cifar_core.fetch import DatasetError
         from cifar_core.train import Preempted, train  # torch and lightning load only for valid input
         # Where a trial's time goes, beside its metrics (train() adds setup, fit, test and logging):
@@ -160,6 +161,10 @@ def run(argv: list[str]) -> dict:
         except Preempted as e:
             run.finish(exit_code=EXIT_CODES[PREEMPT])
             raise RunEndedEarly(str(e), EXIT_CODES[PREEMPT]) from None
+        except RankDied as e:  # what failed is that rank, not the collective rank 0 was waiting in
+            run.summary["failed_rank"] = str(e)
+            run.finish(exit_code=1)
+            raise RunEndedEarly(str(e), 1) from None
         except BaseException:
             run.finish(exit_code=1)
             raise

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from torch import nn
 
 from cifar_core.model import create_model
-from cifar_core.stopping import EARLY_STOPPING, PREEMPT, StopRequests
+from cifar_core.stopping import BY_RANK, EARLY_STOPPING, PREEMPT, RANK, StopRequests
 
 BEST = "best.ckpt"
 PREEMPT_CHECKPOINT = "preempt.ckpt"
@@ -109,8 +109,8 @@ class BestModel(pl.Callback):
         return self.score is None or (value > self.score if self.mode == "max" else value < self.score)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
-        value = trainer.callback_metrics.get(self.monitor)
-        if trainer.sanity_checking or value is None or not self.improves(float(value)):
+        value = trainer.callback_metrics.get(self.monitor)  # reduced over the ranks of a trial on several devices
+        if trainer.sanity_checking or not trainer.is_global_zero or value is None or not self.improves(float(value)):
             return
         self.score, self.epoch = float(value), trainer.current_epoch
         self.weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.net.state_dict().items()}
@@ -126,6 +126,16 @@ class BestModel(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.score, self.epoch, self.weights = state_dict["score"], state_dict["epoch"], state_dict["weights"]
+
+
+def agreed(trainer: pl.Trainer, reason: str | None) -> str | None:
+    """The strongest request on any rank of a trial on several devices (every rank calls this at the same
+    point of fit, so that all act alike); `reason` itself on one device."""
+    if trainer.world_size == 1:
+        return reason
+    code = torch.tensor(RANK[reason], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
+    return BY_RANK[int(code)]
 
 
 def end_fit(trainer: pl.Trainer) -> None:
@@ -159,29 +169,33 @@ class EndFitOnRequest(Checkpoint):
         self.requests.listen()
         # A SIGTERM that came while Lightning's handler was in place counts only as StopRequests says.
         trainer._signal_connector.received_sigterm = False
+        reason = agreed(trainer, self.requests.reason)
         if self.fit_ended_by:
             trainer.should_stop = True
-        elif self.requests.reason not in (None, PREEMPT):  # came before fit: end after the first batch
+        elif reason not in (None, PREEMPT):  # came before fit: end after the first batch
             end_fit(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int):
-        if self.requests.reason == PREEMPT:
+        reason = agreed(trainer, self.requests.reason)
+        if reason == PREEMPT:
             if batch_idx + 1 < trainer.num_training_batches:  # the last one waits for the epoch's end
                 self.save(trainer, f"after batch {batch_idx + 1} of epoch {trainer.current_epoch}")
                 end_fit(trainer)
-        elif self.requests.reason is not None:
+        elif reason is not None:
             end_fit(trainer)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args):
-        if self.requests.reason not in (None, PREEMPT):
+        # On several devices the ranks' shares of validation differ by a batch: they agree at its end instead.
+        if trainer.world_size == 1 and self.requests.reason not in (None, PREEMPT):
             end_fit(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
-        if self.requests.reason == PREEMPT:
+        reason = agreed(trainer, self.requests.reason)
+        if reason == PREEMPT:
             self.fit_ended_by = EARLY_STOPPING if trainer.should_stop else None  # it ended fit at this epoch
             self.save(trainer, f"at the end of epoch {trainer.current_epoch}")
             end_fit(trainer)
-        elif self.requests.reason is not None:
+        elif reason is not None:
             end_fit(trainer)
 
     def state_dict(self) -> dict:

@@ -76,6 +76,9 @@ class TrainConfig(BaseModel):
     whiten_bias_epochs: float = Field(3.0, ge=0)  # airnet: epochs the whitening layer's bias is trained
     dropout: float = Field(0.0, ge=0, lt=1)  # before each hidden fc layer; the seed had none
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"  # Lightning's; mixed pays on GPUs
+    # processes of one trial (DDP), each on a GPU of its own, or on the CPU without one; batch_size is per
+    # process. Unset: every GPU the trial sees (CUDA_VISIBLE_DEVICES), or one process on a CPU.
+    devices: int | None = Field(None, ge=1)
     channels_last: bool = False  # NHWC memory layout: faster convolutions on tensor cores
     compile: bool = False  # torch.compile the network: slower start, faster steps
 

@@ -11,6 +11,7 @@ or, with no test/, its val split (the run's summary says which: `data/test_split
 seeded by `seed`.
 """
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,20 +101,33 @@ class TensorBatches:
 
     `position()` says where an iteration starts: (epoch, batch), read when Lightning starts it; a run
     resumed mid-epoch continues with the batch after the last one it trained. With `num_workers`, worker
-    processes gather the batches (the same order): for a memory-mapped folder, reads overlap training."""
+    processes gather the batches (the same order): for a memory-mapped folder, reads overlap training.
+
+    On rank r of a trial on R devices (`shard`), the rank's share of the order: every R-th image from the
+    r-th; `even` pads the order with its start so that every rank has as many batches (DDP's steps must
+    match, as DistributedSampler pads), else the shares differ by an image at most."""
 
     def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
-                 position: Callable[[], tuple[int, int]] = lambda: (0, 0)):
+                 position: Callable[[], tuple[int, int]] = lambda: (0, 0), shard: tuple[int, int] = (0, 1),
+                 even: bool = False):
         self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
         self.seed, self.num_workers, self.position = seed, num_workers, position
+        self.rank, self.ranks, self.even = *shard, even
+
+    def share(self) -> int:
+        n = len(self.split)
+        return -(-n // self.ranks) if self.even else len(range(self.rank, n, self.ranks))
 
     def __len__(self) -> int:
-        return -(-len(self.split) // self.batch_size)
+        return -(-self.share() // self.batch_size)
 
     def __iter__(self):
         epoch, first = self.position()
         n = len(self.split)
         order = epoch_order(n, self.seed, epoch) if self.shuffle else torch.arange(n)
+        if self.even:
+            order = order.repeat(2)[:self.share() * self.ranks]
+        order = order[self.rank::self.ranks]
         batches = list(order.to(self.split.labels.device).split(self.batch_size))[first:]
         if self.num_workers and not self.split.labels.is_cuda:  # GPU tensors are gathered in place: no workers
             # Workers each gather whole batches (a dataset indexed by a tensor of positions), no collate.
@@ -160,6 +174,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.image_size, self.cache_dir = image_size, cache_dir
         self.classes: tuple[str, ...] = CIFAR10_CLASSES
         self.notes: dict = {}  # what the run's summary says of its data: split sizes, files left out
+        self.load_seconds = 0.0
         self.train_set = self.val_set = self.test_set = None
 
     def prepare_data(self):
@@ -170,6 +185,7 @@ class ImageDataModule(pl.LightningDataModule):
         """The splits, on the CPU; the classes are known after it."""
         if self.train_set is not None:
             return
+        began = time.perf_counter()
         generator = torch.Generator().manual_seed(self.seed)
         if self.dataset == "imagefolder":
             self.train_set, self.val_set, self.test_set = self._folder_splits()
@@ -192,6 +208,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.first_flips = torch.rand(len(self.train_set), generator=generator) < 0.5  # alternating flips' start
         self.notes.update({f"data/{name}_images": len(split) for name, split in
                            (("train", self.train_set), ("val", self.val_set), ("test", self.test_set))})
+        self.load_seconds = time.perf_counter() - began
 
     def _folder_splits(self) -> tuple[Split, Split, Split]:
         folder = load_folder(self.data_dir, self.image_size, self.cache_dir)
@@ -229,12 +246,15 @@ class ImageDataModule(pl.LightningDataModule):
         batch = loop.epoch_loop.batch_progress.current.ready if loop.restarting else 0
         return loop.epoch_progress.current.processed, batch
 
+    def shard(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
     def train_dataloader(self):
         return TensorBatches(self.train_set, self.batch_size, True, self.seed, self.num_workers,
-                             self.training_position)
+                             self.training_position, self.shard(), even=True)
 
-    def val_dataloader(self):
-        return TensorBatches(self.val_set, self.batch_size, False, num_workers=self.num_workers)
+    def val_dataloader(self):  # each rank its share; the metrics are reduced over the ranks
+        return TensorBatches(self.val_set, self.batch_size, False, num_workers=self.num_workers, shard=self.shard())
 
     def test_dataloader(self):
         return TensorBatches(self.test_set, self.batch_size, False, num_workers=self.num_workers)

@@ -26,6 +26,7 @@ STOP, INTERRUPT, PREEMPT = "stop", "interrupt", "preempt"
 COMPLETED, EARLY_STOPPING, DIVERGED = "completed", "early_stopping", "diverged"
 MEANINGS = {signal.SIGTERM: STOP, signal.SIGINT: INTERRUPT, signal.SIGUSR1: PREEMPT}
 RANK = {None: 0, STOP: 1, INTERRUPT: 2, PREEMPT: 3}
+BY_RANK = {rank: reason for reason, rank in RANK.items()}
 # A stopped run finished its job; an interrupted one says so as shells do; a preempted one must exit
 # non-zero for W&B to requeue it, and says which signal ended it.
 EXIT_CODES = {None: 0, STOP: 0, INTERRUPT: 130, PREEMPT: 128 + signal.SIGUSR1}

@@ -98,7 +98,7 @@ class ImageClassifier(pl.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         self.train_acc(logits, y)
-        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, sync_dist=True)  # over the ranks
         self.log("train_acc", self.train_acc, on_step=True, on_epoch=True)
         return loss
 
@@ -110,7 +110,7 @@ class ImageClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         self.val_acc(logits, y)
-        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
+        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)  # over the ranks
         self.log("val_acc", self.val_acc, prog_bar=True)
 
     # No test_step: the one test pass is cifar_core.evaluate, which a SIGTERM cannot abort.
@@ -145,7 +145,7 @@ class ImageClassifier(pl.LightningModule):
     def parameter_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """sgd_scaled's units: lr and weight_decay per 1024 examples and independent of momentum, as the
         record states them; batch-norm biases learn bias_lr_scale times faster, with the same decay."""
-        batch = self.trainer.datamodule.batch_size
+        batch = self.trainer.datamodule.batch_size * self.trainer.world_size  # the batch one step averages over
         unit = 1024 * (1 + 1 / (1 - self.hparams.momentum))
         lr = lr * batch / unit  # the learning rate of the mean loss over a batch
         decay = weight_decay * batch / unit  # shrinkage per step at the peak lr; torch multiplies it by lr

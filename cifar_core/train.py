@@ -14,10 +14,12 @@ logged as `resume-<run id>`, the run is marked preempting and Preempted is raise
 exits non-zero and W&B requeues it.
 """
 
+import os
 import sys
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -25,12 +27,14 @@ import torch
 import wandb
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_core.checkpoints import (BEST, PREEMPT_CHECKPOINT, BestModel, EndFitOnRequest, checkpoint_dir, end_fit,
                                     find_resume_checkpoint, git_commit, log_resume_artifact)
 from cifar_core.config import TrainConfig
-from cifar_core.data import datamodule_for
+from cifar_core.data import ImageDataModule, datamodule_for
+from cifar_core.ddp import Ranks, world_size
 from cifar_core.evaluate import evaluate, inference
 from cifar_core.predictions import log_predictions
 from cifar_core.stopping import (COMPLETED, DIVERGED, EARLY_STOPPING, EXIT_CODES, PREEMPT, StopRequests,
@@ -106,7 +110,14 @@ class EndFitOnDivergence(pl.Callback):
         step = trainer.global_step - 1
         first_bad = self.first_bad if self.first_bad is not None else torch.tensor(-1, device=loss.device)
         self.first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-        if (loss.device.type == "cpu" or step % self.every == 0) and self.step is not None:
+        if loss.device.type != "cpu" and step % self.every:
+            return
+        if trainer.world_size > 1:  # the first bad step of any rank, on every rank, so that all end alike
+            never = torch.iinfo(self.first_bad.dtype).max
+            bad = torch.where(self.first_bad < 0, never, self.first_bad)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+            self.first_bad = torch.where(bad == never, -1, bad)
+        if self.step is not None:
             end_fit(trainer)
 
     @property
@@ -123,44 +134,80 @@ class FitClock(pl.Callback):
         self.started = time.perf_counter()
 
 
-def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], requests: StopRequests) -> dict:
-    pl.seed_everything(config.seed, workers=True, verbose=False)
-    began = time.perf_counter()
+@dataclass
+class Fit:
+    """What one fit is made of, the same on every rank of a trial."""
+    datamodule: ImageDataModule
+    system: ImageClassifier
+    trainer: pl.Trainer
+    best: BestModel
+    early_stopping: EarlyStopping
+    ender: EndFitOnRequest
+    divergence: EndFitOnDivergence
+    clock: FitClock
+
+
+def make_fit(config: TrainConfig, run, requests: StopRequests, callbacks: Sequence[pl.Callback], ckpt_dir: Path,
+             devices: int) -> Fit:
+    """The data (loaded), the system and the Trainer of a run of `config` on `devices` processes; `run` is the
+    W&B run (None on ranks above 0, which log nothing)."""
     datamodule = datamodule_for(config)
-    datamodule.prepare_data()
     datamodule.load()  # the classes, before the network is made for them
-    run.summary.update({**datamodule.notes, "trial/data_s": time.perf_counter() - began})
     system = build_system(config, num_classes=len(datamodule.classes))
-    ckpt_dir = checkpoint_dir(Path(run.dir).parent)
     best = BestModel(run, ckpt_dir / BEST, config.monitor, config.monitor_mode,
                      {"monitor": config.monitor, "config": config.model_dump(), "git_commit": git_commit()})
     # The full state each epoch, for a resume after a kill; the best weights are BestModel's.
     last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
     early_stopping = EarlyStopping(monitor=config.monitor, mode=config.monitor_mode,
                                    patience=config.early_stopping_patience)
-    clock = FitClock()
+    clock, divergence = FitClock(), EndFitOnDivergence()
     ender = EndFitOnRequest(requests, ckpt_dir / PREEMPT_CHECKPOINT)
-    divergence = EndFitOnDivergence()
+    # DDP reduces the gradients of the parameters that required them when it wrapped the network; one frozen
+    # for some epochs (the backbone, airnet's whitening bias) then has none, which it allows only when told.
+    freezes = config.freeze_backbone_epochs > 0 or config.model == "airnet"
+    strategy = DDPStrategy(find_unused_parameters=freezes) if devices > 1 else "auto"
     trainer = pl.Trainer(
         max_epochs=config.max_epochs,
         limit_train_batches=config.train_batches,
-        logger=WandbLogger(experiment=run),
+        logger=WandbLogger(experiment=run) if run is not None else False,
         callbacks=[early_stopping, best, last, clock, ender, divergence, *callbacks],
         accelerator="auto",
-        devices=1,
+        devices=devices,
+        strategy=strategy,
         precision=config.precision,
         num_sanity_val_steps=0,  # the first real validation comes soon enough; startup is per trial
         log_every_n_steps=10,
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
     )
+    return Fit(datamodule, system, trainer, best, early_stopping, ender, divergence, clock)
+
+
+def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], requests: StopRequests) -> dict:
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    began = time.perf_counter()
+    devices, ckpt_dir = world_size(config), checkpoint_dir(Path(run.dir).parent)
+    datamodule_for(config).prepare_data()
+    prepared = time.perf_counter()
     resume_from = find_resume_checkpoint(run)
-    try:
-        # weights_only: a resume checkpoint may come from a W&B artifact, and must not run code
-        trainer.fit(system, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    except SIGTERMException:
-        if ender.saved_at:
-            raise preempted(run, ender, f"preempted {ender.saved_at}; state saved") from None
+
+    def rank_died(message: str) -> None:  # from Ranks' watchdog: rank 0 may be waiting in a collective
+        print(message, file=sys.stderr, flush=True)
+        run.summary["failed_rank"] = message
+        run.finish(exit_code=1)
+        os._exit(1)
+
+    with Ranks(config, devices, resume_from, ckpt_dir, rank_died):
+        fit = make_fit(config, run, requests, callbacks, ckpt_dir, devices)
+        datamodule, system, trainer, best = fit.datamodule, fit.system, fit.trainer, fit.best
+        ender, divergence, early_stopping, clock = fit.ender, fit.divergence, fit.early_stopping, fit.clock
+        run.summary.update({**datamodule.notes, "trial/data_s": prepared - began + datamodule.load_seconds})
+        try:
+            # weights_only: a resume checkpoint may come from a W&B artifact, and must not run code
+            trainer.fit(system, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        except SIGTERMException:
+            if ender.saved_at:
+                raise preempted(run, ender, f"preempted {ender.saved_at}; state saved") from None
     fitted = time.perf_counter()
     ended_by = ender.fit_ended_by or (
         DIVERGED if divergence.step is not None else COMPLETED if trainer.current_epoch >= config.max_epochs

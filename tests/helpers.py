@@ -1,5 +1,5 @@
-"""What many tests need: the offline W&B environment, W&B's own reader of offline runs, and
-waiting on a handshake (a file, a line, a record) instead of on a clock."""
+"""What many tests need: the offline W&B environment, W&B's own reader of offline runs, waiting on a
+handshake (a file, a line, a record) instead of on a clock, and W&B's agent with a server the test plays."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from wandb.util import get_core_path
 
 from agent.runlog import RunLogReader, find_run_file
@@ -78,6 +79,16 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 120,
     return value
 
 
+def waits_on_lock(pid: int, lock: Path) -> bool:
+    """Whether process `pid` is blocked in flock on `lock` (/proc/locks marks a waiter with '->')."""
+    inode = str(lock.stat().st_ino)
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == "->" and fields[2] == "FLOCK" and fields[5] == str(pid) and fields[6].endswith(f":{inode}"):
+            return True
+    return False
+
+
 def validated(wandb_dir: Path, run_id: str, epoch: int) -> Callable[[], bool]:
     """A wait_for condition: the newest run `run_id` under `wandb_dir` has logged its validation of `epoch`."""
     rows: list[dict] = []
@@ -95,3 +106,63 @@ def fresh_env(root: Path, **extra: str) -> dict[str, str]:
     """os.environ with offline W&B under `root` and `extra` on top (no W&B variables of the caller's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     return {**env, **offline_env(root), **extra}
+
+
+# W&B's real `wandb agent`, only its server calls replaced (tests/programs/wandb_agent_offline.py), driven through files.
+AGENT = [sys.executable, str(PROGRAMS / "wandb_agent_offline.py")]
+
+
+class Server:
+    """The test's side of the fake W&B server: command files in, heartbeats out."""
+
+    def __init__(self, control: Path, root: Path, args: dict):
+        self.control, self.root, self.args, self.sent = control, root, args, 0
+        self.readers: dict[str, RunLogReader] = {}
+        self.rows: dict[str, list[dict]] = {}
+
+    def send(self, *commands: dict):
+        (self.control / f"{self.sent:03d}.json").write_text(json.dumps(list(commands)))
+        self.sent += 1
+
+    def run(self, run_id: str, kind: str = "run", **args):
+        self.send({"type": kind, "run_id": run_id, "program": "unused", "args": {**self.args, **args}})
+
+    def heartbeats(self) -> list[dict]:
+        path = self.control / "heartbeats.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def running(self, run_id: str) -> bool:
+        beats = self.heartbeats()
+        return bool(beats) and run_id in beats[-1]
+
+    def handed_out(self) -> bool:
+        return not list(self.control.glob("*.json"))
+
+    def val_epochs(self, run_id: str) -> list[int]:
+        """The epochs whose validation the newest attempt of `run_id` has logged so far."""
+        path = find_run_file(self.root, run_id)
+        if path is None:
+            return []
+        if run_id not in self.readers or self.readers[run_id].path != path:
+            self.readers[run_id], self.rows[run_id] = RunLogReader(path), []
+        self.rows[run_id] += self.readers[run_id].poll()
+        return [row["epoch"] for row in self.rows[run_id] if "val_acc" in row]
+
+
+def start_wandb_agent(tmp_path: Path, command: list[str], args: dict, **env: str) -> tuple[Server, subprocess.Popen]:
+    """W&B's agent (AGENT) in `command`, its server the returned Server, handing out runs of `args`."""
+    control = tmp_path / "control"
+    control.mkdir()
+    sweep = yaml.safe_load((REPO / "sweeps" / "bayes.yaml").read_text())
+    (control / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    env = fresh_env(tmp_path, WANDB_API_KEY="x" * 40, WANDB_BASE_URL="https://api.wandb.test", **env)
+    command = [part.format(control=control) for part in command]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    return Server(control, tmp_path, args), proc
+
+
+def run_record(root, run_id, attempt=-1):
+    records = leet_records(run_dirs(root, run_id)[attempt])
+    [exit_record] = records_of(records, "exit")
+    return records, exit_record.get("exit_code", 0)

@@ -84,18 +84,28 @@ def started(monkeypatch) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("spec, visible, gpus", [("all", ["2", "3"], ["2", "3"]), ("all", [], [None]),
-                                                 ("1, 3", [], ["1", "3"])])
-def test_gpus_is_parsed_as_launch_parses_it(tmp_path, capsys, monkeypatch, started, spec, visible, gpus):
+@pytest.mark.parametrize("spec, visible, per_trial, gpus", [
+    ("all", ["2", "3"], 1, ["2", "3"]), ("all", [], 1, [None]), ("1, 3", [], 1, ["1", "3"]),
+    ("all", ["0", "1", "2", "3"], 2, ["0,1", "2,3"]), ("4,5,6,7", [], 4, ["4,5,6,7"])])
+def test_gpus_is_parsed_as_launch_parses_it(tmp_path, capsys, monkeypatch, started, spec, visible, per_trial, gpus):
     monkeypatch.setattr("agent.launch.visible_gpus", lambda: visible)
-    assert main(["local", sweep_yaml(tmp_path), "--gpus", spec, "--dir", str(tmp_path / "D")]) == 0
-    assert started["gpus"] == gpus
+    assert main(["local", sweep_yaml(tmp_path), "--gpus", spec, "--gpus-per-trial", str(per_trial),
+                 "--dir", str(tmp_path / "D")]) == 0
+    assert started["gpus"] == gpus  # a slot's CUDA_VISIBLE_DEVICES
     assert ("no GPU visible" in capsys.readouterr().err) == (gpus == [None])
+    assert main(["launch", "ent/proj/s", "--gpus", spec, "--gpus-per-trial", str(per_trial), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0].removeprefix("CUDA_VISIBLE_DEVICES=") for line in lines if gpus != [None]] == \
+        [g for g in gpus if g]
 
 
-def test_a_bad_gpu_list_is_refused_before_dir_exists(tmp_path, capsys, started):
-    assert main(["local", sweep_yaml(tmp_path), "--gpus", "0,x", "--dir", str(tmp_path / "D")]) == 2
-    assert "--gpus='0,x'" in one_line(capsys.readouterr().err)
+@pytest.mark.parametrize("args, expected", [
+    (["--gpus", "0,x"], "--gpus='0,x'"),
+    (["--gpus", "0,1,2", "--gpus-per-trial", "2"], "--gpus-per-trial=2: 3 GPUs (0,1,2) do not split into groups of 2"),
+    (["--gpus-per-trial", "2"], "--gpus-per-trial needs --gpus")])
+def test_a_bad_gpu_list_is_refused_before_dir_exists(tmp_path, capsys, started, args, expected):
+    assert main(["local", sweep_yaml(tmp_path), *args, "--dir", str(tmp_path / "D")]) == 2
+    assert expected in one_line(capsys.readouterr().err)
     assert not (tmp_path / "D").exists() and not started
 
 

@@ -17,7 +17,7 @@ from agent.__main__ import main
 from cifar_core.config import TrainConfig
 from cifar_core.fetch import ARCHIVES, DatasetError, fetch
 from tests.conftest import write_cifar
-from tests.helpers import REPO, wait_for
+from tests.helpers import REPO, wait_for, waits_on_lock
 
 # A fetch in its own process: the download is a fake that records its call, then finishes only once
 # the test creates HANDSHAKE/go; prints what the folder held when fetch returned.
@@ -134,16 +134,6 @@ def test_a_data_dir_that_cannot_be_made_says_so_in_one_line(tmp_path):
         fetch("cifar10", tmp_path / "a-file" / "data", download=fails_with(AssertionError("must not download")))
     assert str(e.value).startswith(f"{tmp_path}/a-file/data/cifar-10-batches-py: no CIFAR-10 data there "
                                    f"(cannot write there: NotADirectoryError:")
-
-
-def waits_on_lock(pid: int, lock: Path) -> bool:
-    """Whether process `pid` is blocked in flock on `lock` (/proc/locks marks a waiter with '->')."""
-    inode = str(lock.stat().st_ino)
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if fields[1] == "->" and fields[2] == "FLOCK" and fields[5] == str(pid) and fields[6].endswith(f":{inode}"):
-            return True
-    return False
 
 
 def test_two_processes_fetching_at_once_download_once_and_both_get_the_whole_folder(tmp_path):

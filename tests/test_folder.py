@@ -20,7 +20,7 @@ from cifar_core.data import ImageDataModule
 from cifar_core.fetch import DatasetError
 from cifar_core.folder import load_folder, stored_size
 from tests.conftest import FOLDER_CLASSES, write_cifar100, write_image_folder
-from tests.helpers import REPO, agent_command, fresh_env, wait_for
+from tests.helpers import REPO, agent_command, fresh_env, wait_for, waits_on_lock
 
 
 def folder_data(data_dir: Path, cache: Path, **kwargs) -> ImageDataModule:
@@ -146,7 +146,6 @@ def test_two_trials_starting_at_once_decode_the_folder_once(tmp_path):
     wait_for(decoders, "the first trial to start decoding", 60, first)
     second = start()
     lock = next(cache.glob(".imagefolder-*.lock"))
-    from tests.test_data_fetch import waits_on_lock
     wait_for(lambda: waits_on_lock(second.pid, lock), "the second trial to wait for the first one's build", 60, second)
     (handshake / "go").touch()
     outputs = [p.communicate(timeout=60)[0] for p in (first, second)]

@@ -53,6 +53,13 @@ def test_an_image_folder_lives_on_the_gpu_and_a_timm_network_trains_there(in_tmp
     assert where.data.type == "cuda" and where.net.type == "cuda" and result["steps"] == 6
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_trial_on_two_gpus_trains_half_the_steps_a_rank_and_tests_on_rank_0(in_tmp):
+    config = dict(RECIPE, max_epochs=2, val_fraction=0.02)
+    one, two = (train(TrainConfig(**config, devices=n)) for n in (1, 2))
+    assert two["steps"] == -(-one["steps"] // 2) and two["test_acc"] > 0.5
+
+
 def test_a_compiled_net_saves_the_names_an_uncompiled_one_loads(in_tmp):
     result = train(TrainConfig(dataset="synthetic", model="resnet9", width=16, max_epochs=1, compile=True,
                                precision="bf16-mixed", channels_last=True))

@@ -9,15 +9,13 @@ the test waits for. What each run logged is read back with W&B's own offline rea
 
 import json
 import signal
-import subprocess
 import sys
 
 import pytest
-import yaml
 
-from agent.runlog import RunLogReader, find_run_file
+from agent.runlog import find_run_file
 from tests.conftest import WARM
-from tests.helpers import PROGRAMS, QUICK_VAL, REPO, fresh_env, leet_records, records_of, run_dirs, wait_for
+from tests.helpers import AGENT, QUICK_VAL, records_of, run_dirs, run_record, start_wandb_agent, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -26,44 +24,6 @@ ARGS = {"dataset": {"value": "synthetic"}, "val_fraction": {"value": QUICK_VAL},
 PREEMPTED_EXIT = 128 + signal.SIGUSR1
 
 
-class Server:
-    """The test's side of the fake W&B server: command files in, heartbeats out."""
-
-    def __init__(self, control, root):
-        self.control, self.root, self.sent = control, root, 0
-        self.readers: dict[str, RunLogReader] = {}
-        self.rows: dict[str, list[dict]] = {}
-
-    def send(self, *commands: dict):
-        (self.control / f"{self.sent:03d}.json").write_text(json.dumps(list(commands)))
-        self.sent += 1
-
-    def run(self, run_id: str, kind: str = "run", **args):
-        self.send({"type": kind, "run_id": run_id, "program": "unused", "args": {**ARGS, **args}})
-
-    def heartbeats(self) -> list[dict]:
-        path = self.control / "heartbeats.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def running(self, run_id: str) -> bool:
-        beats = self.heartbeats()
-        return bool(beats) and run_id in beats[-1]
-
-    def handed_out(self) -> bool:
-        return not list(self.control.glob("*.json"))
-
-    def val_epochs(self, run_id: str) -> list[int]:
-        """The epochs whose validation the newest attempt of `run_id` has logged so far."""
-        path = find_run_file(self.root, run_id)
-        if path is None:
-            return []
-        if run_id not in self.readers or self.readers[run_id].path != path:
-            self.readers[run_id], self.rows[run_id] = RunLogReader(path), []
-        self.rows[run_id] += self.readers[run_id].poll()
-        return [row["epoch"] for row in self.rows[run_id] if "val_acc" in row]
-
-
-AGENT = [sys.executable, str(PROGRAMS / "wandb_agent_offline.py")]
 # `agent launch` as its CLI runs it, with each of its agents W&B's agent driven by the test.
 LAUNCHER = """\
 import sys
@@ -77,33 +37,15 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def start(tmp_path, command: list[str], **env: str) -> tuple[Server, subprocess.Popen]:
-    control = tmp_path / "control"
-    control.mkdir()
-    sweep = yaml.safe_load((REPO / "sweeps" / "bayes.yaml").read_text())
-    (control / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    env = fresh_env(tmp_path, WANDB_API_KEY="x" * 40, WANDB_BASE_URL="https://api.wandb.test", **env)
-    command = [part.format(control=control) for part in command]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    return Server(control, tmp_path), proc
-
-
 @pytest.fixture
 def agent(tmp_path, warm_worker):
     """W&B's agent, its runs going through a warm worker (as `agent launch` sets up one per agent)."""
-    server, proc = start(tmp_path, [*AGENT, "{control}", "--forward-signals", "ent/proj/sweep1"],
-                         AGENT_WARM_SOCKET=warm_worker.socket)
+    server, proc = start_wandb_agent(tmp_path, [*AGENT, "{control}", "--forward-signals", "ent/proj/sweep1"], ARGS,
+                                     AGENT_WARM_SOCKET=warm_worker.socket)
     yield server, proc
     if proc.poll() is None:
         proc.kill()
         proc.communicate()
-
-
-def run_record(root, run_id, attempt=-1):
-    records = leet_records(run_dirs(root, run_id)[attempt])
-    [exit_record] = records_of(records, "exit")
-    return records, exit_record.get("exit_code", 0)
 
 
 @WARM
@@ -160,7 +102,7 @@ def test_stops_finish_runs_with_their_best_model_and_preemption_requeues_them(ag
 
 
 def test_a_stop_through_the_agent_finishes_a_cold_run_too(tmp_path):
-    server, proc = start(tmp_path, [*AGENT, "{control}", "--forward-signals", "ent/proj/sweep1"])
+    server, proc = start_wandb_agent(tmp_path, [*AGENT, "{control}", "--forward-signals", "ent/proj/sweep1"], ARGS)
     try:
         server.run("cold1")
         wait_for(lambda: server.val_epochs("cold1"), "cold1's first validation", proc=proc)
@@ -179,8 +121,8 @@ def test_a_stop_through_the_agent_finishes_a_cold_run_too(tmp_path):
 def test_launch_on_sigterm_preempts_its_runs_so_that_wandb_requeues_them(tmp_path):
     wrapper = tmp_path / "launcher.py"
     wrapper.write_text(LAUNCHER.format(agent=AGENT, control=str(tmp_path / "control")))
-    server, launcher = start(tmp_path, [sys.executable, str(wrapper), "launch", "ent/proj/sweep1", "--gpus", "0",
-                                        "--stagger", "0"])
+    server, launcher = start_wandb_agent(tmp_path, [sys.executable, str(wrapper), "launch", "ent/proj/sweep1",
+                                                    "--gpus", "0", "--stagger", "0"], ARGS)
     try:
         server.run("boxgone1")
         wait_for(lambda: server.val_epochs("boxgone1"), "boxgone1's first validation", proc=launcher)

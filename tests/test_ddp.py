@@ -1,0 +1,127 @@
+"""A trial on two devices (Lightning's DDP on the CPU, gloo: two processes), as W&B's real agent and `agent local`
+start it: one W&B run, one config on both ranks, stops and preemptions that reach both, a rank that dies."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.store import Store
+from cifar_core.config import TrainConfig
+from cifar_core.ddp import digest
+from tests.helpers import (AGENT, QUICK_VAL, agent_command, fresh_env, leet_summary, records_of, run_dirs, run_record,
+                           start_wandb_agent, validated, wait_for)
+
+pytestmark = pytest.mark.slow
+
+TWO = {"dataset": {"value": "synthetic"}, "val_fraction": {"value": QUICK_VAL}, "limit_train_batches": {"value": 8},
+       "max_epochs": {"value": 4}, "early_stopping_patience": {"value": 10}, "devices": {"value": 2}}
+PREEMPTED_EXIT = 128 + signal.SIGUSR1
+
+
+def ranks_said(output: str) -> list[tuple[int, str]]:
+    """The config digests the ranks printed, in order: `rank R of 2: config D...`."""
+    return [(int(r), d) for r, d in re.findall(r"^rank (\d) of 2: config (\w+)", output, re.M)]
+
+
+def logged_config(run_dir: Path) -> TrainConfig:
+    config = leet_summary(run_dir)["config"]
+    return TrainConfig(**{k: v for k, v in config.items() if k in TrainConfig.model_fields})
+
+
+def test_under_wandbs_agent_one_run_one_config_and_stops_and_preemptions_reach_both_ranks(tmp_path):
+    server, agent = start_wandb_agent(tmp_path, [*AGENT, "{control}", "--forward-signals", "ent/proj/sweep1"], TWO)
+    try:
+        # A stop to the agent reaches rank 0 alone; the ranks agree at the next batch and both end there.
+        server.run("ddpstop", lr={"value": 3e-3})
+        wait_for(lambda: server.val_epochs("ddpstop"), "ddpstop's first validation", timeout=180, proc=agent)
+        server.send({"type": "stop", "run_id": "ddpstop"})
+        wait_for(lambda: server.handed_out() and not server.running("ddpstop"), "the agent to reap ddpstop",
+                 proc=agent)
+        # A preemption notice, forwarded to rank 0 alone: the state is saved once; the same id resumes it.
+        server.run("ddppre")
+        wait_for(lambda: 1 in server.val_epochs("ddppre"), "ddppre's second validation", timeout=180, proc=agent)
+        agent.send_signal(signal.SIGUSR1)
+        wait_for(lambda: not server.running("ddppre"), "the agent to reap ddppre", proc=agent)
+        saved_epoch = max(server.val_epochs("ddppre")) + 1
+        server.run("ddppre", kind="resume")
+        wait_for(lambda: len(run_dirs(tmp_path, "ddppre")) == 2 and server.running("ddppre"), "the resume",
+                 proc=agent)
+        wait_for(lambda: not server.running("ddppre"), "the resumed run to end", timeout=180, proc=agent)
+        server.send({"type": "exit"})
+        output = agent.communicate(timeout=60)[0]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0, output[-3000:]
+    # W&B's agent counts every run that ended as finished, and the preempted one as failed too, as it must.
+    assert json.loads((server.control / "agent.json").read_text()) == {"failed": 1, "finished": 3}
+
+    [stopped] = run_dirs(tmp_path, "ddpstop")  # one W&B run, on rank 0
+    records, code = run_record(tmp_path, "ddpstop")
+    assert code == 0 and len(set(server.val_epochs("ddpstop"))) < 4
+    config = logged_config(stopped)
+    assert config.lr == 3e-3 and config.devices == 2
+    assert sorted(ranks_said(output)[:2]) == [(0, digest(config)), (1, digest(config))]  # the sweep's, on both
+    models = [a for a in records_of(records, "artifact") if a["type"] == "model"]
+    epochs = [json.loads(m["metadata"])["epoch"] for m in models[:-1]]
+    assert epochs == sorted(set(epochs)) and "test_acc" in json.loads(models[-1]["metadata"])  # each logged once
+
+    records, code = run_record(tmp_path, "ddppre", attempt=0)
+    assert code == PREEMPTED_EXIT and records_of(records, "preempting")
+    records, code = run_record(tmp_path, "ddppre")
+    resumed = [h["item"]["epoch"] for h in records_of(records, "history") if "val_acc" in h["item"]]
+    assert code == 0 and resumed == list(range(saved_epoch, 4))
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 3  # ddpstop, ddppre and its resume
+
+
+def rank_1_of(run_id: str) -> int | None:
+    """The pid of rank 1 of trial `run_id` (it has the trial's environment), if it runs."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"cifar_core.ddp" in (proc / "cmdline").read_bytes() and \
+                    f"WANDB_RUN_ID={run_id}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def test_under_agent_local_a_rank_that_dies_fails_its_trial_at_once_and_the_next_one_runs(tmp_path):
+    sweep = {"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
+             "parameters": {**TWO, "lr": {"values": [1e-3, 3e-3]}},
+             "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]}
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(sweep))
+    controller = subprocess.Popen(agent_command("local", "ddp.yaml", "--dir", "D"), cwd=tmp_path,
+                                  env=fresh_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def first_trial() -> str | None:
+            try:
+                return next((t.id for t in Store(tmp_path / "D" / "sweep.db", readonly=True).trials()), None)
+            except Exception:  # no sweep.db yet
+                return None
+
+        trial = wait_for(first_trial, "the first trial", timeout=300, proc=controller)
+        wait_for(validated(tmp_path / "D", trial, 0), f"{trial}'s first validation", timeout=180, proc=controller)
+        rank_1 = wait_for(lambda: rank_1_of(trial), f"{trial}'s rank 1", proc=controller)
+        os.kill(rank_1, signal.SIGKILL)
+        killed = time.time()
+        out = controller.communicate(timeout=300)[0]
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+    assert controller.returncode == 0, out[-3000:]
+    first, second = Store(tmp_path / "D" / "sweep.db", readonly=True).trials()
+    assert (first.state, first.reason) == ("failed", "exit code 1: agent run: rank 1 of 2 died (killed by SIGKILL); "
+                                                     "the trial ends")
+    assert first.ended - killed < 15  # within seconds, not a wait in an all-reduce
+    assert second.state == "finished"
+    log = (tmp_path / "D" / "logs" / f"{second.id}.log").read_text()
+    [run_dir] = run_dirs(tmp_path / "D", second.id)
+    assert sorted(ranks_said(log)) == [(0, digest(logged_config(run_dir))), (1, digest(logged_config(run_dir)))]
