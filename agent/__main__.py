@@ -75,6 +75,9 @@ def validate_command(args) -> int:
     return validate(args.files)
 
 
+STORE_ENV = "AGENT_STORE"  # a PostgreSQL store for every `agent local` of the shell, as --store
+
+
 def write_report(directory):
     from agent.report import write_report  # matplotlib loads only for --report
 
@@ -95,12 +98,19 @@ def local_command(args) -> int:
     sweep = load_sweep(args.sweep)
     if problems := sweep_problems(sweep):
         raise UsageError(f"{args.sweep}: " + "; ".join(problems))
+    store_url = args.store or os.environ.get(STORE_ENV)
+    if store_url and not store_url.startswith("postgresql://"):
+        raise UsageError(f"--store={store_url!r}: expected postgresql://USER@HOST[:PORT]/DB (without it, the "
+                         "store is SQLite, DIR/sweep.db)")
     ours = runs_our_program(sweep)
     if ours:
         from agent.run import prepare_sweep
 
         prepare_sweep(sweep)
-    store, sweep_id, root = open_sweep(sweep, args.dir, args.sweep_id)
+    store, sweep_id, root = open_sweep(sweep, args.dir, args.sweep_id, store_url)
+    if store.postgres:
+        print(f"sweep {sweep_id} in {store.where()}; on other boxes: python -m agent local {args.sweep} --store "
+              f"{store.where()} --sweep-id {sweep_id} --dir {root.resolve()}", flush=True)
     return LocalSweep(store=store, sweep_id=sweep_id, sweep=sweep, root=root, gpus=gpus, count=args.count,
                       retry_crashed=args.retry_crashed, max_consecutive_failures=args.max_consecutive_failures,
                       grace=args.grace, view=SweepView(sweep_id, sweep, root), warm=ours and not args.cold,
@@ -174,8 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--gpus-per-trial", type=positive_int, default=1, metavar="N",
                        help="GPUs of each trial (DDP, one process per GPU): --gpus in groups of N (default 1)")
     local.add_argument("--dir", help="state and runs (default: a new ./sweeps-local/SWEEP_ID)")
-    local.add_argument("--sweep-id", help="use this id (e.g. of a W&B sweep made from the same YAML, so the "
-                                          "runs join it on `wandb sync`); default: a new random id")
+    local.add_argument("--sweep-id", help="use this id (e.g. of a W&B sweep made from the same YAML, so the runs "
+                                          "join it on `wandb sync`); with --store, the sweep to join there if it "
+                                          "exists; default: a new random id")
+    local.add_argument("--store", metavar="URL",
+                       help="keep the sweep in PostgreSQL, postgresql://USER@HOST[:PORT]/DB, shared by the "
+                            f"controllers of many boxes (or ${STORE_ENV}; password: PGPASSWORD or ~/.pgpass); "
+                            "default: SQLite, DIR/sweep.db")
     local.add_argument("--retry-crashed", action="store_true", help="rerun trials whose controller died")
     local.add_argument("--max-consecutive-failures", type=positive_int, default=5, metavar="N",
                        help="stop after N failed trials in a row (default 5)")

@@ -13,6 +13,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -27,11 +28,12 @@ from agent.errors import UsageError
 from agent.outcome import environment_error, outcome, own_error
 from agent.runlog import RunLogReader, find_run_file
 from agent.status import SweepView
-from agent.store import Store
+from agent.store import Store, sqlite_url, write_pointer
 from agent.trials import LIVE, Trial, is_number, sweep_metric
 from agent.warm_client import READY_TIMEOUT, WarmWorker
 
 POLL_SECONDS = 0.5
+REAP_SECONDS = 5.0  # how often the controllers of other boxes are checked on: their trials crash with them
 
 
 def _die_with_parent():
@@ -40,21 +42,23 @@ def _die_with_parent():
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
 
 
-def open_sweep(sweep: dict, directory: str | None, sweep_id: str | None = None) -> tuple[Store, str, Path]:
-    """The store of a validated sweep in DIR (made, or the same YAML's again to resume), its id and DIR."""
+def open_sweep(sweep: dict, directory: str | None, sweep_id: str | None = None,
+               store_url: str | None = None) -> tuple[Store, str, Path]:
+    """The store of a validated sweep (made, or the same YAML's again: to resume it, or to join it from another
+    box), its id and DIR. With `store_url` (PostgreSQL), the sweep `sweep_id` there; else DIR/sweep.db."""
     sweep_id = sweep_id or generate_id(8)
     root = Path(directory) if directory else Path("sweeps-local") / sweep_id
+    if store_url:
+        store = Store(store_url)  # refused in one line before DIR is made, if the server says no
+        store.join(sweep_id, sweep)
+        root.mkdir(parents=True, exist_ok=True)
+        write_pointer(root, store)
+        return store, sweep_id, root
     root.mkdir(parents=True, exist_ok=True)
-    store = Store(root / "sweep.db")
-    with store.transaction():
-        existing = store.sweep()
-        if existing is None:
-            store.create_sweep(sweep_id, sweep)
-        elif existing[1] != sweep:
-            raise UsageError(f"{root}: holds sweep {existing[0]} made from another YAML; use a new --dir")
-        else:
-            sweep_id = existing[0]
-    return store, sweep_id, root
+    store = Store(sqlite_url(root))
+    existing = store.sweep()  # a DIR holds one sweep: resumed under its own id
+    store.join(existing[0] if existing else sweep_id, sweep)
+    return store, store.sweep_id, root
 
 
 @dataclass
@@ -103,8 +107,7 @@ class LocalSweep:
 
     def run(self) -> int:
         self.store.register_controller(self.controller)
-        for trial_id in self.store.reap_dead_controllers():
-            self.view.event(f"{trial_id} crashed: its controller died")
+        self.reap()
         trials = self.store.trials()
         self.to_retry = [t.id for t in trials if t.state == "paused" or (self.retry_crashed and t.state == "crashed")]
         if paused := sum(t.state == "paused" for t in trials):
@@ -113,14 +116,18 @@ class LocalSweep:
         try:
             with self.view:
                 self.start_workers()
+                reaped = time.monotonic()
                 while True:
                     self.store.heartbeat(self.controller)
+                    if time.monotonic() - reaped > REAP_SECONDS:
+                        self.to_retry += [t for t in self.reap() if self.retry_crashed]
+                        reaped = time.monotonic()
                     self.handle_signals()
                     self.poll_trials()
                     self.early_terminate()
-                    if not (self.stopping or self.exhausted):
+                    if not self.stopping and (self.to_retry or not self.exhausted):
                         self.fill_slots()
-                    if not self.procs and (self.stopping or self.exhausted):
+                    if not self.procs and (self.stopping or (self.exhausted and not self.to_retry)):
                         break
                     self.view.update(self.store.trials())
                     # Wake as soon as a trial exits, so that the next one starts at once.
@@ -145,6 +152,13 @@ class LocalSweep:
 
     def _on_signal(self, signum, frame):
         self.signals_received += 1
+
+    def reap(self) -> list[str]:
+        """The live trials of controllers that died, here or on another box, marked crashed."""
+        reaped = self.store.reap_dead_controllers()
+        for trial_id in reaped:
+            self.view.event(f"{trial_id} crashed: its controller died" + ("; retrying it" if self.retry_crashed else ""))
+        return reaped
 
     def handle_signals(self):
         """First SIGINT/SIGTERM: pause the running trials (ours save their state: a preemption notice; others
@@ -190,7 +204,7 @@ class LocalSweep:
                     # A program that resumes goes on from its saved epoch: its metric history goes on too.
                     kept = {} if self.resumes else {"history": [], "metric": None}
                     self.store.update(retry.id, state="pending", controller=self.controller, reason=None,
-                                      stop_requested=None, exit_code=None, **kept)
+                                      stop_requested=None, exit_code=None, host=socket.gethostname(), **kept)
                     return self.store.trial(retry.id)
             if self.limit is not None and len(trials) >= self.limit:
                 self.exhausted = True

@@ -55,10 +55,10 @@ def outcome(code: int, stop_requested: bool, paused: bool, summary: dict, metric
     # A trial that says it completed (ours exits 0 only then) finished before the pause could matter.
     if paused and (code != 0 or ended_by is None or ended_by in CUT_SHORT):
         return "paused", "paused by Ctrl-C; the same command resumes it"
+    if stop_requested and (ended_by is None or ended_by in CUT_SHORT):  # ended by the stop, however it exited
+        return "stopped", "early-terminated by hyperband"
     if code != 0:
         return "failed", f"exit code {code}: {own_error(output)}"
-    if stop_requested and (ended_by is None or ended_by in CUT_SHORT):
-        return "stopped", "early-terminated by hyperband"
     if metric and metric_value is None and not diverged(summary):
         return "failed", f"{metric} is NaN or infinite" if history else f"no {metric} logged"
     return "finished", diverged(summary)

@@ -93,12 +93,15 @@ def prediction_images(root: Path, trial_id: str) -> tuple[int, list[tuple[Path, 
 
 # the page
 
-def _trials_html(trials: list[Trial], metric: str, params: list[str], best: Trial | None) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["id", "state", metric, "duration", *params, "reason"])
+def _trials_html(trials: list[Trial], metric: str, params: list[str], best: Trial | None, hosts: bool) -> str:
+    """The trial table; with `hosts` (a sweep that can span boxes: a PostgreSQL store), which box ran each."""
+    columns = ["id", "state", metric, "duration", *(["host"] if hosts else []), *params, "reason"]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = []
     for t in trials:
         cells = [html.escape(t.id), f'<span class="state s-{t.state}">{t.state}</span>',
                  "" if t.metric is None else f"{t.metric:.4g}", _duration(t.duration),
+                 *([html.escape(t.host or "")] if hosts else []),
                  *[html.escape(short(t.config.get(p, ""))) for p in params]]
         classes = t.state + (" best" if best is not None and t.id == best.id else "")
         rows.append(f'<tr class="{classes}">' + "".join(f"<td>{c}</td>" for c in cells) +
@@ -139,8 +142,9 @@ def write_report(directory: Path) -> Path:
     try:
         sweep_id, sweep = store.sweep()
         trials = store.trials()
+        hosts = store.postgres
     finally:
-        store.db.close()
+        store.close()
     metric, goal = sweep_metric(sweep)
     metric = metric or "metric"
     params = swept(sweep)
@@ -163,7 +167,7 @@ def write_report(directory: Path) -> Path:
         f"Best: <b>{best.id}</b>, {html.escape(metric)} = {best.metric:.4g}; config: <code>" +
         html.escape(" ".join(f"{k}={short(v)}" for k, v in best.config.items())) + "</code>")
     sections = [
-        ("Trials", _trials_html(ranked(trials, goal), metric, params, best)),
+        ("Trials", _trials_html(ranked(trials, goal), metric, params, best, hosts)),
         ("Metric over trials", _plot_html(folder, "metric_over_trials", metric_over_trials(trials, metric, goal),
                                           no_metric)),
         ("Parallel coordinates", _plot_html(folder, "parallel_coordinates",

@@ -52,7 +52,8 @@ def status(directory: str, as_json: bool) -> int:
     trials = store.trials()
     if as_json:
         print(json.dumps([{"id": t.id, "state": t.state, "metric": t.metric, "config": t.config,
-                           "reason": t.reason, "exit_code": t.exit_code, "duration_s": t.duration, "gpu": t.gpu}
+                           "reason": t.reason, "exit_code": t.exit_code, "duration_s": t.duration, "gpu": t.gpu,
+                           "host": t.host}
                           for t in trials], indent=1))
         return 0
     metric, goal = sweep_metric(sweep)

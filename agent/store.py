@@ -1,10 +1,17 @@
-"""A local sweep's state, in SQLite (DIR/sweep.db): the sweep, its trials, the live controllers.
+"""A sweep's state: the sweep, its trials, the live controllers. In SQLite (DIR/sweep.db: the default, no
+server) or in PostgreSQL (a server that controllers on many boxes share), through the same calls
+(SQLAlchemy Core).
 
-Every suggestion, state change, metric and exit code is committed before the
-controller acts on it, so a killed controller loses nothing: the next one on the
-same DIR resumes from here. Claims run under `BEGIN IMMEDIATE` (one writer at a
-time), so two controllers on one DIR never hand out the same trial. A file that is
-damaged, no database, or another program's is refused before anything writes to it.
+Every suggestion, state change, metric and exit code is committed before the controller acts on it, so a
+killed controller loses nothing: the next one resumes from here. Claims run in transactions no other
+controller can interleave: `BEGIN IMMEDIATE` in SQLite (one writer at a time), a transaction-scoped
+advisory lock on the sweep in PostgreSQL; so controllers on one DIR, or on many boxes, never hand out the
+same trial or more than the sweep's count. A SQLite file that is damaged, no database, or another
+program's is refused before anything writes to it; so is a PostgreSQL server that cannot be reached,
+refuses the credentials or is older than the store needs.
+
+DIR/store.json points a sweep DIR at its PostgreSQL store (the URL without a password: libpq takes it from
+PGPASSWORD or ~/.pgpass), so that `status`, `report` and `best` read a shared sweep from its DIR.
 """
 
 import json
@@ -12,38 +19,51 @@ import os
 import socket
 import sqlite3
 import time
+import zlib
 from contextlib import closing, contextmanager
 from pathlib import Path
+
+from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine, delete,
+                        event, func, insert, select, text, update)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from agent.errors import SWEEP_PATH, UsageError
 from agent.trials import LIVE, Trial
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sweep (id TEXT PRIMARY KEY, config TEXT NOT NULL, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS trials (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,            -- the W&B run id
-    params TEXT NOT NULL,               -- {"lr": {"value": 0.01}, ...}, as W&B's agent receives them
-    state TEXT NOT NULL,
-    metric REAL,                        -- last value of the sweep's metric
-    history TEXT NOT NULL DEFAULT '[]', -- every value of the sweep's metric, in order
-    exit_code INTEGER,
-    reason TEXT,                        -- why failed, crashed or stopped
-    controller TEXT,
-    pid INTEGER,
-    gpu TEXT,                           -- the GPU it ran on (CUDA_VISIBLE_DEVICES), if any
-    created REAL NOT NULL, started REAL, ended REAL,
-    stop_requested REAL
-);
-CREATE TABLE IF NOT EXISTS controllers (id TEXT PRIMARY KEY, host TEXT, pid INTEGER, heartbeat REAL);
-"""
+POINTER = "store.json"
+POSTGRES_MIN = 120000  # server_version_num: 12, the oldest release its project still supported when written
+METADATA = MetaData()
+SWEEPS = Table("sweeps", METADATA, Column("id", String, primary_key=True), Column("config", Text, nullable=False),
+               Column("created", Float, nullable=False))
+TRIALS = Table(
+    "trials", METADATA,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("sweep_id", String, nullable=False),
+    Column("id", String, nullable=False),  # the W&B run id
+    Column("params", Text, nullable=False),  # {"lr": {"value": 0.01}, ...}, as W&B's agent receives them
+    Column("state", String, nullable=False),
+    Column("metric", Float),  # last value of the sweep's metric
+    Column("history", Text, nullable=False, server_default="[]"),  # every value of the sweep's metric, in order
+    Column("exit_code", Integer),
+    Column("reason", Text),  # why failed, crashed, paused or stopped
+    Column("controller", String),
+    Column("host", String),  # the box it ran on
+    Column("pid", Integer),
+    Column("gpu", String),  # the GPUs it ran on (CUDA_VISIBLE_DEVICES), if any
+    Column("created", Float, nullable=False), Column("started", Float), Column("ended", Float),
+    Column("stop_requested", Float),
+    UniqueConstraint("sweep_id", "id"))
+CONTROLLERS = Table("controllers", METADATA, Column("id", String, primary_key=True), Column("sweep_id", String),
+                    Column("host", String), Column("pid", Integer), Column("heartbeat", Float))
+TABLES = {t.name: {c.name for c in t.columns} for t in (SWEEPS, TRIALS, CONTROLLERS)}
+TRIAL_COLUMNS = ("id", "params", "state", "metric", "history", "exit_code", "reason", "host", "pid", "gpu",
+                 "created", "started", "ended", "stop_requested")
 
 
-def _trial(row: sqlite3.Row) -> Trial:
-    return Trial(id=row["id"], params=json.loads(row["params"]), state=row["state"], metric=row["metric"],
-                 history=json.loads(row["history"]), exit_code=row["exit_code"], reason=row["reason"],
-                 pid=row["pid"], gpu=row["gpu"], created=row["created"], started=row["started"],
-                 ended=row["ended"], stop_requested=row["stop_requested"])
+def _trial(row) -> Trial:
+    values = {k: getattr(row, k) for k in TRIAL_COLUMNS}
+    return Trial(**{**values, "params": json.loads(row.params), "history": json.loads(row.history)})
 
 
 def _pid_alive(pid: int) -> bool:
@@ -56,126 +76,224 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _tables(db: sqlite3.Connection) -> dict[str, set[str]]:
-    """Each table's column names."""
-    names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-             if not r[0].startswith("sqlite_")]  # sqlite_sequence: SQLite's own
-    return {name: {c[1] for c in db.execute(f"PRAGMA table_info({name})")} for name in names}
-
-
-def _schema_tables() -> dict[str, set[str]]:
-    with closing(sqlite3.connect(":memory:")) as db:
-        db.executescript(SCHEMA)
-        return _tables(db)
-
-
-TABLES = _schema_tables()
-
-
-def _check(path: Path) -> dict[str, set[str]]:
-    """The tables of the database at `path`, read without writing to it. Refuses (UsageError) a damaged file,
-    one that is no database, or another program's: writing to it could destroy what is left of it."""
+def _sqlite_tables(path: Path) -> set[str]:
+    """The tables of the database at `path`, read without writing to it. Refuses (UsageError) one that is damaged,
+    no database, or another program's: writing to it could destroy what is left of it."""
     side_files = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
     existed = [f.exists() for f in side_files]
     try:
         with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as db:
             problem = db.execute("PRAGMA quick_check").fetchone()[0]
-            tables = _tables(db)
+            names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                     if not r[0].startswith("sqlite_")]  # sqlite_sequence: SQLite's own
+            tables = {n: {c[1] for c in db.execute(f"PRAGMA table_info({n})")} for n in names}
     except sqlite3.DatabaseError as e:
         problem = str(e)
     problem = " ".join(problem.replace("*** in database main ***", "").split())  # one line
     if problem == "ok" and any(TABLES.get(name) != columns for name, columns in tables.items()):
         problem = "its tables are not a sweep's: another program's, or an older version's"
+    for side_file, was_there in zip(side_files, existed):
+        if problem != "ok" and not was_there:  # a read-only look at a WAL database creates them
+            side_file.unlink(missing_ok=True)
     if problem != "ok":
-        for side_file, was_there in zip(side_files, existed):
-            if not was_there:  # a read-only look at a WAL database creates them
-                side_file.unlink(missing_ok=True)
         raise UsageError(f"{path}: not a readable sweep database ({problem}); it was left as it is")
-    return tables
+    return set(tables)
+
+
+def redacted(url: str) -> str:
+    """The URL as it may be printed and written down: no password."""
+    return make_url(url)._replace(password=None).render_as_string(hide_password=False)  # set() keeps a None one
+
+
+def connection_problem(url: str, error: DBAPIError) -> str:
+    message = " ".join(str(error.orig).split())
+    fix = ("set PGPASSWORD, or put the password in ~/.pgpass" if "password" in message
+           else "start the server, or check the host, port and database in the URL")
+    return f"{redacted(url)}: cannot use the store ({message}); fix: {fix}"
 
 
 class Store:
-    """With `readonly`, nothing is ever written to the file (status, report, best)."""
+    """A store (`url`: sqlite:///DIR/sweep.db or postgresql://user@host/db), bound to one sweep by `join` or
+    `create`. With `readonly`, nothing is ever written (status, report, best)."""
 
-    def __init__(self, path: Path, readonly: bool = False):
-        path = Path(path)
-        tables = _check(path) if path.exists() else {}
-        if readonly:
-            if tables != TABLES:
-                raise UsageError(f"{path}: holds no sweep yet")
-            self.db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30,
-                                      isolation_level=None)
+    def __init__(self, url: str, readonly: bool = False):
+        self.url, self.readonly = url, readonly
+        self.postgres = url.startswith("postgresql")
+        self.sweep_id: str | None = None
+        self.connection = None  # the open transaction's, if any
+        if self.postgres:
+            self.engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1), pool_pre_ping=True)
+            self._check_server()
         else:
-            # autocommit mode: each statement commits unless inside an explicit transaction()
-            self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.executescript(SCHEMA)
-        self.db.row_factory = sqlite3.Row
+            self._open_sqlite(Path(make_url(url).database))
+        if not readonly:
+            METADATA.create_all(self.engine)
+        if not self.postgres:  # a SQLite file holds one sweep: bound to it, if it has one yet
+            self.sweep()
+
+    def _open_sqlite(self, path: Path) -> None:
+        tables = _sqlite_tables(path) if path.exists() else set()
+        if self.readonly and tables != set(TABLES):
+            raise UsageError(f"{path}: holds no sweep yet")
+        where = f"file:{path.resolve()}?mode=ro&uri=true" if self.readonly else str(path)
+        self.engine = create_engine(f"sqlite:///{where}", connect_args={"timeout": 30})
+
+        @event.listens_for(self.engine, "connect")
+        def _connect(dbapi_connection, record):
+            dbapi_connection.isolation_level = None  # transactions are begun here, not by the driver
+            if not self.readonly:
+                dbapi_connection.execute("PRAGMA journal_mode=WAL")
+
+        @event.listens_for(self.engine, "begin")
+        def _begin(connection):
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if not self.readonly else "BEGIN")
+
+    def _check_server(self) -> None:
+        try:
+            with self.engine.connect() as connection:
+                version = int(connection.execute(text("SHOW server_version_num")).scalar())
+        except DBAPIError as e:
+            raise UsageError(connection_problem(self.url, e)) from None
+        if version < POSTGRES_MIN:
+            raise UsageError(f"{redacted(self.url)}: PostgreSQL {version // 10000} is older than the store needs "
+                             f"({POSTGRES_MIN // 10000} or newer)")
+
+    @contextmanager
+    def _connect(self):
+        if self.connection is not None:
+            yield self.connection
+            return
+        try:
+            with self.engine.begin() as connection:
+                yield connection
+        except OperationalError as e:
+            if self.postgres:
+                raise UsageError(connection_problem(self.url, e)) from None
+            raise
 
     @contextmanager
     def transaction(self):
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        """Statements inside run as one transaction that no other controller of this sweep interleaves with."""
+        with self._connect() as connection:
+            if self.postgres:
+                connection.execute(select(func.pg_advisory_xact_lock(zlib.crc32(self.sweep_id.encode()))))
+            self.connection = connection
+            try:
+                yield
+            finally:
+                self.connection = None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # the sweep
+
+    def sweeps(self) -> list[tuple[str, dict]]:
+        with self._connect() as c:
+            return [(r.id, json.loads(r.config)) for r in c.execute(select(SWEEPS).order_by(SWEEPS.c.created))]
 
     def sweep(self) -> tuple[str, dict] | None:
-        row = self.db.execute("SELECT id, config FROM sweep").fetchone()
-        return None if row is None else (row["id"], json.loads(row["config"]))
+        """The bound sweep; in SQLite, the file's one sweep (binding to it)."""
+        query = select(SWEEPS) if self.sweep_id is None else select(SWEEPS).where(SWEEPS.c.id == self.sweep_id)
+        with self._connect() as c:
+            row = c.execute(query.order_by(SWEEPS.c.created)).first()
+        if row is None:
+            return None
+        self.sweep_id = row.id
+        return row.id, json.loads(row.config)
 
-    def create_sweep(self, sweep_id: str, config: dict) -> None:
-        self.db.execute("INSERT INTO sweep VALUES (?, ?, ?)", (sweep_id, json.dumps(config), time.time()))
+    def join(self, sweep_id: str, config: dict) -> bool:
+        """Binds to sweep `sweep_id`, made from `config` here if the store has none by that id; True if it made
+        it. A sweep of that id from another YAML is refused."""
+        self.sweep_id = sweep_id
+        with self.transaction():
+            existing = self.sweep()
+            if existing is None:
+                self.connection.execute(insert(SWEEPS).values(id=sweep_id, config=json.dumps(config),
+                                                              created=time.time()))
+                return True
+        if existing[1] != config:
+            raise UsageError(f"{self.where()}: holds sweep {sweep_id} made from another YAML; use a new "
+                             f"{'--sweep-id' if self.postgres else '--dir'}")
+        return False
+
+    def where(self) -> str:
+        return redacted(self.url) if self.postgres else str(make_url(self.url).database)
+
+    # trials
 
     def trials(self) -> list[Trial]:
-        return [_trial(r) for r in self.db.execute("SELECT * FROM trials ORDER BY seq")]
+        with self._connect() as c:
+            rows = c.execute(select(TRIALS).where(TRIALS.c.sweep_id == self.sweep_id).order_by(TRIALS.c.seq))
+            return [_trial(r) for r in rows]
 
     def trial(self, trial_id: str) -> Trial:
-        return _trial(self.db.execute("SELECT * FROM trials WHERE id = ?", (trial_id,)).fetchone())
+        with self._connect() as c:
+            return _trial(c.execute(select(TRIALS).where(TRIALS.c.sweep_id == self.sweep_id,
+                                                         TRIALS.c.id == trial_id)).one())
 
     def add_trial(self, trial_id: str, params: dict, controller: str) -> None:
-        self.db.execute("INSERT INTO trials (id, params, state, controller, created) VALUES (?, ?, 'pending', ?, ?)",
-                        (trial_id, json.dumps(params), controller, time.time()))
+        with self._connect() as c:
+            c.execute(insert(TRIALS).values(sweep_id=self.sweep_id, id=trial_id, params=json.dumps(params),
+                                            state="pending", controller=controller, host=socket.gethostname(),
+                                            created=time.time()))
 
     def update(self, trial_id: str, **values) -> None:
         if "history" in values:
             values["history"] = json.dumps(values["history"])
-        columns = ", ".join(f"{k} = ?" for k in values)
-        self.db.execute(f"UPDATE trials SET {columns} WHERE id = ?", (*values.values(), trial_id))
+        with self._connect() as c:
+            c.execute(update(TRIALS).where(TRIALS.c.sweep_id == self.sweep_id, TRIALS.c.id == trial_id)
+                      .values(**values))
 
     # controllers: a heartbeat each loop; a dead one's live trials become crashed
 
     def register_controller(self, controller: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO controllers VALUES (?, ?, ?, ?)",
-                        (controller, socket.gethostname(), os.getpid(), time.time()))
+        with self._connect() as c:
+            values = dict(sweep_id=self.sweep_id, host=socket.gethostname(), pid=os.getpid(), heartbeat=time.time())
+            try:
+                c.execute(insert(CONTROLLERS).values(id=controller, **values))
+            except IntegrityError:  # registered before: its row goes on
+                c.execute(update(CONTROLLERS).where(CONTROLLERS.c.id == controller).values(**values))
 
     def heartbeat(self, controller: str) -> None:
-        self.db.execute("UPDATE controllers SET heartbeat = ? WHERE id = ?", (time.time(), controller))
+        with self._connect() as c:
+            c.execute(update(CONTROLLERS).where(CONTROLLERS.c.id == controller).values(heartbeat=time.time()))
 
     def unregister_controller(self, controller: str) -> None:
-        self.db.execute("DELETE FROM controllers WHERE id = ?", (controller,))
+        with self._connect() as c:
+            c.execute(delete(CONTROLLERS).where(CONTROLLERS.c.id == controller))
 
     def reap_dead_controllers(self, stale_after: float = 30.0) -> list[str]:
-        """Marks live trials of controllers that died (or of none) crashed; returns their ids."""
+        """Marks live trials of this sweep whose controller died (its pid gone on this box, or its heartbeat
+        `stale_after` seconds old on any) or is unknown crashed; returns their ids."""
         with self.transaction():
-            host, now = socket.gethostname(), time.time()
-            dead = [r["id"] for r in self.db.execute("SELECT * FROM controllers")
-                    if (r["host"] == host and not _pid_alive(r["pid"])) or now - r["heartbeat"] > stale_after]
-            self.db.executemany("DELETE FROM controllers WHERE id = ?", [(c,) for c in dead])
-            alive = {r["id"] for r in self.db.execute("SELECT id FROM controllers")}
-            orphans = [r["id"] for r in self.db.execute(
-                f"SELECT id, controller FROM trials WHERE state IN {LIVE}") if r["controller"] not in alive]
+            c, host, now = self.connection, socket.gethostname(), time.time()
+            mine = CONTROLLERS.c.sweep_id == self.sweep_id
+            dead = [r.id for r in c.execute(select(CONTROLLERS).where(mine))
+                    if (r.host == host and not _pid_alive(r.pid)) or now - r.heartbeat > stale_after]
+            if dead:
+                c.execute(delete(CONTROLLERS).where(CONTROLLERS.c.id.in_(dead)))
+            alive = {r.id for r in c.execute(select(CONTROLLERS.c.id).where(mine))}
+            orphans = [r.id for r in c.execute(select(TRIALS.c.id, TRIALS.c.controller).where(
+                TRIALS.c.sweep_id == self.sweep_id, TRIALS.c.state.in_(LIVE))) if r.controller not in alive]
             for trial_id in orphans:
                 self.update(trial_id, state="crashed", reason="its controller died", ended=now)
         return orphans
 
 
+def sqlite_url(directory: Path) -> str:
+    return f"sqlite:///{Path(directory) / 'sweep.db'}"
+
+
+def write_pointer(directory: Path, store: Store) -> None:
+    """DIR/store.json: where a sweep DIR's PostgreSQL store is, and its sweep."""
+    (Path(directory) / POINTER).write_text(json.dumps({"store": redacted(store.url), "sweep_id": store.sweep_id}))
+
+
 def is_local_target(target: str) -> bool:
-    """Whether TARGET of status, report and best names a local sweep (True) or a W&B one (False); neither is
-    one line. Light (no torch), so that a wrong TARGET is answered at once."""
-    if (Path(target) / "sweep.db").is_file():
+    """Whether TARGET of status, report and best names a sweep DIR (True; its store SQLite or PostgreSQL) or a
+    W&B sweep (False); neither is one line. Light (no torch), so that a wrong TARGET is answered at once."""
+    if (Path(target) / "sweep.db").is_file() or (Path(target) / POINTER).is_file():
         return True
     if Path(target).is_dir():
         raise UsageError(f"{target}: no local sweep here (expected {Path(target) / 'sweep.db'})")
@@ -185,11 +303,16 @@ def is_local_target(target: str) -> bool:
 
 
 def open_store(directory: str) -> Store:
-    """The sweep in DIR, opened read-only."""
-    path = Path(directory) / "sweep.db"
-    if not path.is_file():
-        raise UsageError(f"{directory}: no local sweep here (expected {path})")
-    store = Store(path, readonly=True)
+    """The sweep of DIR, opened read-only: DIR/sweep.db, or the PostgreSQL store DIR/store.json names."""
+    pointer = Path(directory) / POINTER
+    if pointer.is_file():
+        where = json.loads(pointer.read_text())
+        store = Store(where["store"], readonly=True)
+        store.sweep_id = where["sweep_id"]
+    elif (Path(directory) / "sweep.db").is_file():
+        store = Store(sqlite_url(Path(directory)), readonly=True)
+    else:
+        raise UsageError(f"{directory}: no local sweep here (expected {Path(directory) / 'sweep.db'})")
     if store.sweep() is None:
-        raise UsageError(f"{path}: holds no sweep yet")
+        raise UsageError(f"{store.where()}: holds no sweep {store.sweep_id or ''}".rstrip())
     return store

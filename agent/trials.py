@@ -25,6 +25,7 @@ class Trial:
     reason: str | None = None
     pid: int | None = None
     gpu: str | None = None
+    host: str | None = None  # the box it ran on
     created: float = 0.0
     started: float | None = None
     ended: float | None = None

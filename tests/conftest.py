@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
-from agent.store import Store
+from agent.store import open_store
 from agent.warm_client import WarmWorker
 from tests.fake_wandb import KEY, FakeWandb, isolated
-from tests.helpers import QUICK_VAL, agent_command, fresh_env, wait_for
+from tests.helpers import QUICK_VAL, PostgresServer, agent_command, fresh_env, wait_for
 from tests.helpers import offline_env as offline_env_under
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -155,7 +155,18 @@ def hyperband_sweep(tmp_path_factory) -> SimpleNamespace:
     out = subprocess.run(agent_command("local", "hb.yaml", "--workers", "2", "--dir", "D"), cwd=root, env=env,
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
-    return SimpleNamespace(dir=root / "D", env=env, trials=Store(root / "D" / "sweep.db", readonly=True).trials())
+    return SimpleNamespace(dir=root / "D", env=env, trials=open_store(root / "D").trials())
+
+
+@pytest.fixture(scope="session")
+def postgres() -> SimpleNamespace:
+    """A real PostgreSQL server for this test process (tests.helpers.PostgresServer)."""
+    server = PostgresServer.start()
+    if server is None:
+        pytest.skip("needs PostgreSQL's initdb and pg_ctl (apt-get install postgresql): the shared-store tests "
+                    "start a real server")
+    yield server
+    server.stop()
 
 
 def pytest_collection_modifyitems(items):

@@ -3,8 +3,11 @@ handshake (a file, a line, a record) instead of on a clock, and W&B's agent with
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -166,3 +169,52 @@ def run_record(root, run_id, attempt=-1):
     records = leet_records(run_dirs(root, run_id)[attempt])
     [exit_record] = records_of(records, "exit")
     return records, exit_record.get("exit_code", 0)
+
+
+class PostgresServer:
+    """A real PostgreSQL server in a temporary folder, from Debian's postgresql (initdb and pg_ctl, off PATH):
+    local (Unix socket) connections trusted, TCP on 127.0.0.1 with `password`. `url(db)` makes a fresh
+    database and names it. As root, the server runs as the package's postgres user (initdb refuses root)."""
+
+    password = "secret"
+
+    def __init__(self, binaries: Path, root: Path, port: int, as_server: list[str]):
+        self.binaries, self.root, self.port, self.as_server = binaries, root, port, as_server
+
+    @classmethod
+    def start(cls) -> "PostgresServer | None":
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
+        binaries = found[0].parent if found else Path(shutil.which("initdb")).parent if shutil.which("initdb") else None
+        if binaries is None:
+            return None
+        root = Path(tempfile.mkdtemp(prefix="pg-"))
+        as_server = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if as_server:
+            shutil.chown(root, "postgres")
+        (root / "pw").write_text(f"{cls.password}\n")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = cls(binaries, root, port, as_server)
+        server.ctl("initdb", "-D", root / "data", "-U", "sweeps", "--auth-local=trust", "--auth-host=scram-sha-256",
+                   f"--pwfile={root / 'pw'}", "--no-sync")
+        server.ctl("pg_ctl", "-D", root / "data", "-l", root / "log", "-w", "-o",
+                   f"-k {root} -c listen_addresses=127.0.0.1 -p {port} -c fsync=off -c max_connections=200", "start")
+        return server
+
+    def ctl(self, program: str, *args) -> None:
+        subprocess.run([*self.as_server, self.binaries / program, *map(str, args)], check=True, capture_output=True)
+
+    def url(self, name: str) -> str:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(f"postgresql+psycopg://sweeps@/postgres?host={self.root}&port={self.port}",
+                               isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        engine.dispose()
+        return f"postgresql://sweeps@/{name}?host={self.root}&port={self.port}"
+
+    def stop(self) -> None:
+        self.ctl("pg_ctl", "-D", self.root / "data", "-m", "immediate", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)

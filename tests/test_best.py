@@ -17,7 +17,7 @@ import wandb
 from agent.best import best
 from agent.errors import UsageError
 from agent.run import make_config, parse_flags
-from agent.store import Store
+from agent.store import Store, sqlite_url
 from cifar_core.checkpoints import save_network
 from cifar_core.data import CIFAR10_CLASSES as CLASSES
 from cifar_core.data import synthetic_images, synthetic_splits
@@ -205,8 +205,8 @@ def test_user_mistakes_are_one_line_naming_the_thing(tmp_path, sweep, mocker):
         best(str(no_runs), False, None)
     assert f"trial {sweep.trial.id}: no best model" in one_line(e)
 
-    store = Store(tmp_path / "sweep.db")
-    store.create_sweep("s1", {"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"}})
+    store = Store(sqlite_url(tmp_path))
+    store.join("s1", {"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"}})
     store.add_trial("t1", {"lr": {"value": 0.1}}, "c")
     store.update("t1", state="failed")
     with pytest.raises(UsageError) as e:

@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 from rich.console import Console
+from sqlalchemy import insert, select
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.schema import CreateTable
 
 import agent.status
 from agent.__main__ import main
-from agent.store import SCHEMA, Store, Trial
+from agent.store import CONTROLLERS, SWEEPS, TRIALS, Store, Trial, sqlite_url
 
 SWEEP = {"program": "train.py", "method": "bayes", "metric": {"name": "loss", "goal": "minimize"},
          "parameters": {"x": {"min": 0.0, "max": 1.0}, "opt": {"value": "sgd"}}}
@@ -111,18 +114,19 @@ def test_a_bad_gpu_list_is_refused_before_dir_exists(tmp_path, capsys, started, 
 
 def real_db(path: Path) -> bytes:
     """The bytes of a sweep.db of many pages, closed as a controller leaves it."""
-    store = Store(path)
-    store.create_sweep("s1", SWEEP)
+    store = Store(sqlite_url(path.parent))
+    store.join("s1", SWEEP)
     for i in range(200):
         store.add_trial(f"t{i}", {"x": {"value": i / 200}}, "c")
         store.update(f"t{i}", state="finished", history=[1.0] * 40, metric=1.0)
-    store.db.close()
+    store.close()
     return path.read_bytes()
 
 
 def old_version_db(path: Path) -> bytes:
     with sqlite3.connect(path) as db:
-        db.executescript(SCHEMA.replace("gpu TEXT", "slot TEXT"))
+        for table in (SWEEPS, TRIALS, CONTROLLERS):
+            db.execute(str(CreateTable(table).compile(dialect=sqlite.dialect())).replace("gpu VARCHAR", "slot VARCHAR"))
     return path.read_bytes()
 
 
@@ -155,10 +159,13 @@ def test_status_of_a_sweep_db_without_a_sweep_says_so(tmp_path, capsys):
 
 
 def test_a_controller_with_a_stale_heartbeat_is_reaped_and_its_live_trials_crash(tmp_path):
-    store = Store(tmp_path / "sweep.db")
+    store = Store(sqlite_url(tmp_path))
+    store.join("s1", SWEEP)
     now = time.time()  # both look alive: another host, a live pid; only the heartbeat tells them apart
-    store.db.executemany("INSERT INTO controllers VALUES (?, ?, ?, ?)", [
-        ("stale", "another-host", os.getpid(), now - 300), ("fresh", "another-host", os.getpid(), now)])
+    with store.engine.begin() as connection:
+        connection.execute(insert(CONTROLLERS), [
+            {"id": "stale", "sweep_id": "s1", "host": "another-host", "pid": os.getpid(), "heartbeat": now - 300},
+            {"id": "fresh", "sweep_id": "s1", "host": "another-host", "pid": os.getpid(), "heartbeat": now}])
     for trial_id, controller, state in [("a", "stale", "running"), ("b", "stale", "pending"),
                                         ("c", "stale", "finished"), ("d", "fresh", "running")]:
         store.add_trial(trial_id, {"x": {"value": 0.5}}, controller)
@@ -167,12 +174,13 @@ def test_a_controller_with_a_stale_heartbeat_is_reaped_and_its_live_trials_crash
     assert {t.id: (t.state, t.reason) for t in store.trials()} == {
         "a": ("crashed", "its controller died"), "b": ("crashed", "its controller died"),
         "c": ("finished", None), "d": ("running", None)}
-    assert [r["id"] for r in store.db.execute("SELECT id FROM controllers")] == ["fresh"]
+    with store.engine.begin() as connection:
+        assert [r.id for r in connection.execute(select(CONTROLLERS.c.id))] == ["fresh"]
 
 
 def small_sweep(folder: Path) -> Store:
-    store = Store(folder / "sweep.db")
-    store.create_sweep("s1", SWEEP)
+    store = Store(sqlite_url(folder))
+    store.join("s1", SWEEP)
     now = time.time()
     rows = [("t1", 0.25, "finished", 0.5, None, 12.0), ("t2", 0.75, "failed", None, "exit code 1: [boom]", 3.0),
             ("t3", 0.5, "pending", None, None, None)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.store import Store
+from agent.store import open_store
 from cifar_core.config import TrainConfig
 from cifar_core.ddp import digest
 from tests.helpers import (AGENT, QUICK_VAL, agent_command, fresh_env, leet_summary, records_of, run_dirs, run_record,
@@ -103,7 +103,7 @@ def test_under_agent_local_a_rank_that_dies_fails_its_trial_at_once_and_the_next
     try:
         def first_trial() -> str | None:
             try:
-                return next((t.id for t in Store(tmp_path / "D" / "sweep.db", readonly=True).trials()), None)
+                return next((t.id for t in open_store(tmp_path / "D").trials()), None)
             except Exception:  # no sweep.db yet
                 return None
 
@@ -117,7 +117,7 @@ def test_under_agent_local_a_rank_that_dies_fails_its_trial_at_once_and_the_next
         if controller.poll() is None:
             controller.kill()
     assert controller.returncode == 0, out[-3000:]
-    first, second = Store(tmp_path / "D" / "sweep.db", readonly=True).trials()
+    first, second = open_store(tmp_path / "D").trials()
     assert (first.state, first.reason) == ("failed", "exit code 1: agent run: rank 1 of 2 died (killed by SIGKILL); "
                                                      "the trial ends")
     assert first.ended - killed < 15  # within seconds, not a wait in an all-reduce

@@ -11,6 +11,7 @@ import yaml
 from tests.helpers import REPO
 
 SBATCH = REPO / "deploy" / "slurm.sbatch"
+OFFLINE = REPO / "deploy" / "slurm-offline.sbatch"
 K8S = REPO / "deploy" / "k8s-job.yaml"
 SWEEP = "ent/proj/abc123"
 
@@ -22,19 +23,21 @@ pwd -P > "$RECORD/cwd"
 echo "$PPID" > "$RECORD/ppid"
 printf '%s' "${WANDB_API_KEY-}" > "$RECORD/key"
 printf '%s' "${PYTHONPATH-}" > "$RECORD/pythonpath"
+printf '%s' "${AGENT_STORE-}" > "$RECORD/store"
 """
 
 
 # --- SLURM ---------------------------------------------------------------------------------------
 
-def test_sbatch_parses():
-    out = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True)
+@pytest.mark.parametrize("script", [SBATCH, OFFLINE])
+def test_sbatch_parses(script):
+    out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
 
-def sbatch_directives() -> tuple[list[str], list[str]]:
+def sbatch_directives(script: Path) -> tuple[list[str], list[str]]:
     """The #SBATCH lines, and those that come after the first command (which sbatch ignores)."""
-    lines = SBATCH.read_text().splitlines()
+    lines = script.read_text().splitlines()
     assert lines[0] == "#!/bin/bash"
     directives, late, seen_command = [], [], False
     for line in lines[1:]:
@@ -45,8 +48,9 @@ def sbatch_directives() -> tuple[list[str], list[str]]:
     return directives, late
 
 
-def test_sbatch_directives_are_well_formed_and_come_first():
-    directives, late = sbatch_directives()
+@pytest.mark.parametrize("script", [SBATCH, OFFLINE])
+def test_sbatch_directives_are_well_formed_and_come_first(script):
+    directives, late = sbatch_directives(script)
     assert late == []
     for line in directives:  # one option per line, no trailing text sbatch could misread
         assert re.fullmatch(r"#SBATCH --[a-z][a-z-]*(=\S+)?", line), line
@@ -77,8 +81,8 @@ def slurm(tmp_path):
             "SLURM_SUBMIT_DIR": str(REPO), "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "1",
             "DATA_DIR": str(data), "WORK_DIR": str(tmp_path / "work")}
 
-    def run(*args: str, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(SBATCH), *args], env={**base, **env}, cwd=tmp_path,
+    def run(*args: str, script: Path = SBATCH, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script), *args], env={**base, **env}, cwd=tmp_path,
                               capture_output=True, text=True, timeout=30)
 
     run.record, run.data, run.work = record, data, tmp_path / "work"
@@ -130,6 +134,23 @@ def test_sbatch_without_any_key_fails_clearly(slurm):
 def test_sbatch_warns_when_the_data_is_missing(slurm, tmp_path):
     out = slurm(SWEEP_PATH=SWEEP, WANDB_API_KEY="x", DATA_DIR=str(tmp_path / "nothing"))
     assert out.returncode == 0 and "cifar-10-batches-py" in out.stderr
+
+
+def test_the_offline_sbatch_execs_one_controller_a_node_on_the_shared_store(slurm, tmp_path):
+    shared = tmp_path / "shared" / "bayes1"
+    store = "postgresql://sweeps@login1/sweeps"
+    common = dict(SWEEP_YAML="sweeps/bayes.yaml", SWEEP_ID="bayes1", AGENT_STORE=store, SWEEP_DIR=str(shared))
+    out = slurm("--gpus-per-trial", "2", script=OFFLINE, CUDA_VISIBLE_DEVICES="0,1,2,3", **common)
+    assert out.returncode == 0, out.stderr
+    assert (slurm.record / "argv").read_text().splitlines() == [
+        "-m", "agent", "local", str(REPO / "sweeps" / "bayes.yaml"), "--sweep-id", "bayes1", "--dir", str(shared),
+        "--gpus", "0,1,2,3", "--gpus-per-trial", "2"]
+    assert int((slurm.record / "ppid").read_text()) == os.getpid()  # exec: the scheduler's SIGTERM reaches it
+    assert (slurm.record / "store").read_text() == store
+    assert Path((slurm.record / "cwd").read_text().strip()) == shared.resolve()
+    for missing in common:
+        out = slurm(script=OFFLINE, **{k: v for k, v in common.items() if k != missing})
+        assert out.returncode != 0 and missing in out.stderr
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------

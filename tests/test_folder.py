@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import save_file
 
 from agent.best import best
-from agent.store import Store
+from agent.store import open_store
 from cifar_core.data import ImageDataModule
 from cifar_core.fetch import DatasetError
 from cifar_core.folder import load_folder, stored_size
@@ -177,7 +177,7 @@ def test_a_finetune_sweep_on_a_folder_reports_picks_evaluates_and_exports_with_i
                                        "--report"), cwd=tmp_path, env=fresh_env(tmp_path), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    trials = Store(tmp_path / "D" / "sweep.db", readonly=True).trials()
+    trials = open_store(tmp_path / "D").trials()
     assert [t.state for t in trials] == ["finished", "finished"], [(t.state, t.reason) for t in trials]
     assert len(list((tmp_path / "cache").glob("imagefolder-*"))) == 1  # decoded once, before the first trial
     page = (tmp_path / "D" / "report.html").read_text()

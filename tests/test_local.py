@@ -12,7 +12,7 @@ import yaml
 
 from agent.errors import UsageError
 from agent.local import trial_command
-from agent.store import Store
+from agent.store import open_store
 from tests.conftest import HYPERBAND
 from tests.helpers import (PROGRAMS, QUICK_VAL, REPO, agent_command, fresh_env, leet_records, records_of, run_dirs,
                            validated, wait_for)
@@ -83,7 +83,7 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(foreign_sweep, tmp_path, m
     controller = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     def two_finished_and_one_running() -> bool:
         try:
-            states = [t.state for t in Store(tmp_path / "D" / "sweep.db", readonly=True).trials()]
+            states = [t.state for t in open_store(tmp_path / "D").trials()]
         except UsageError:  # no sweep.db yet, or not its tables yet
             return False
         return states.count("finished") >= 2 and "running" in states
@@ -181,7 +181,7 @@ def test_ctrl_c_pauses_the_trials_and_kills_one_that_ignores_its_notice_after_gr
     out = controller.communicate(timeout=60)[0]
     assert controller.returncode == 130, out
     assert "interrupted: pausing running trials" in out
-    trials = {t.config["mode"]: t for t in Store(tmp_path / "D" / "sweep.db", readonly=True).trials()}
+    trials = {t.config["mode"]: t for t in open_store(tmp_path / "D").trials()}
     paused = ("paused", "paused by Ctrl-C; the same command resumes it")
     assert {(t.state, t.reason) for t in trials.values()} == {paused}
     obedient, stubborn = trials["obedient"], trials["stubborn"]
@@ -198,7 +198,7 @@ def test_a_second_ctrl_c_kills_at_once_and_report_path_ends_the_output(tmp_path,
     out = controller.communicate(timeout=60)[0]  # far less than --grace
     assert controller.returncode == 130, out
     assert "interrupted again: killing running trials" in out
-    [trial] = Store(tmp_path / "D" / "sweep.db", readonly=True).trials()
+    [trial] = open_store(tmp_path / "D").trials()
     assert (trial.state, trial.exit_code) == ("paused", -signal.SIGKILL)
     report = tmp_path / "D" / "report.html"
     assert out.splitlines()[-1] == f"report: {report.resolve()}" and report.is_file()
@@ -239,7 +239,7 @@ def test_ctrl_c_pauses_our_trials_and_the_same_command_resumes_them_first(tmp_pa
 
     def running_trial() -> str | None:
         try:
-            return next((t.id for t in Store(tmp_path / "D" / "sweep.db", readonly=True).trials()
+            return next((t.id for t in open_store(tmp_path / "D").trials()
                          if t.state == "running"), None)
         except UsageError:  # no sweep.db yet
             return None
@@ -249,13 +249,13 @@ def test_ctrl_c_pauses_our_trials_and_the_same_command_resumes_them_first(tmp_pa
     controller.send_signal(signal.SIGINT)
     out = controller.communicate(timeout=120)[0]
     assert controller.returncode == 130, out
-    [paused] = Store(tmp_path / "D" / "sweep.db", readonly=True).trials()
+    [paused] = open_store(tmp_path / "D").trials()
     assert (paused.id, paused.state, paused.exit_code) == (first, "paused", 128 + signal.SIGUSR1)
 
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resuming 1 paused trial(s) first" in again.stdout
-    trials = Store(tmp_path / "D" / "sweep.db", readonly=True).trials()
+    trials = open_store(tmp_path / "D").trials()
     assert [(t.id == first, t.state) for t in trials] == [(True, "finished"), (False, "finished")]
     assert len(trials[0].history) == 3  # one val_acc per epoch, across both attempts
     earlier, resumed = run_dirs(tmp_path / "D", first)
@@ -277,4 +277,4 @@ def test_an_install_every_trial_would_trip_on_is_one_line_before_the_first_trial
     assert line.startswith("agent local: the sweep's program cannot start here: RuntimeError: operator "
                            "torchvision::nms does not exist (torch and torchvision do not match; fix: pip install "
                            "--upgrade torch torchvision)"), line
-    assert Store(tmp_path / "D" / "sweep.db", readonly=True).trials() == []
+    assert open_store(tmp_path / "D").trials() == []

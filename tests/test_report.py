@@ -17,7 +17,7 @@ import yaml
 from agent.errors import UsageError
 from agent.plots import importance, importance_chart
 from agent.report import learning_curves, report, write_report
-from agent.store import Store, Trial
+from agent.store import Trial, open_store
 from tests.conftest import write_cifar
 from tests.helpers import REPO, agent_command, fresh_env
 
@@ -185,7 +185,7 @@ def test_stopped_and_running_trials_are_marked_and_metricless_ones_last(foreign_
             "1 stopped left out (stopped early: its last value is an early one, not comparable with a finished "
             "trial&#x27;s); 2 failed left out (ended part-way).</p>") in html
 
-    trials = Store(copy / "sweep.db").trials()
+    trials = open_store(copy).trials()
     legend = [t.get_text() for t in learning_curves(trials, "loss", "minimize").axes[0].get_legend().get_texts()]
     assert "stopped (hyperband)" in legend and any(trials[1].id in label for label in legend)
     assert len(legend) == 5 + 1  # the top 5 (the stopped one among them) and the marker's entry
