@@ -32,6 +32,7 @@ from agent.errors import SWEEP_PATH, UsageError
 from agent.trials import LIVE, Trial
 
 POINTER = "store.json"
+SCHEMA_LOCK = zlib.crc32(b"cifar-sweeps schema")  # PostgreSQL advisory lock key while the tables are made
 POSTGRES_MIN = 120000  # server_version_num: 12, the oldest release its project still supported when written
 METADATA = MetaData()
 SWEEPS = Table("sweeps", METADATA, Column("id", String, primary_key=True), Column("config", Text, nullable=False),
@@ -127,7 +128,10 @@ class Store:
         else:
             self._open_sqlite(Path(make_url(url).database))
         if not readonly:
-            METADATA.create_all(self.engine)
+            with self.engine.begin() as connection:
+                if self.postgres:  # controllers that start together: one makes the tables, the others wait
+                    connection.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
+                METADATA.create_all(connection)
         if not self.postgres:  # a SQLite file holds one sweep: bound to it, if it has one yet
             self.sweep()
 

@@ -131,6 +131,22 @@ def warm_worker(tmp_path_factory):
     worker.stop()
 
 
+@pytest.fixture
+def started(monkeypatch) -> dict:
+    """LocalSweep replaced: the keyword arguments `agent local` would start it with (none, if it refuses first)."""
+    seen = {}
+
+    class Started:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def run(self):
+            return 0
+
+    monkeypatch.setattr("agent.local.LocalSweep", Started)
+    return seen
+
+
 HYPERBAND = pytest.mark.xdist_group("hyperband-sweep")
 # Two good learning rates, then a hopeless one (W&B's bar at a band is the median of the runs that reached
 # it: it takes three), with epochs long enough (12 batches) that the good ones beat chance at epoch 1. A

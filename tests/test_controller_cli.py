@@ -71,22 +71,6 @@ def test_unknown_flags_and_commands_get_one_line(capsys):
     assert e.value.code == 2 and "invalid choice: 'statuss'" in one_line(capsys.readouterr().err)
 
 
-@pytest.fixture
-def started(monkeypatch) -> dict:
-    """LocalSweep replaced: the keyword arguments `agent local` would start it with."""
-    seen = {}
-
-    class Started:
-        def __init__(self, **kwargs):
-            seen.update(kwargs)
-
-        def run(self):
-            return 0
-
-    monkeypatch.setattr("agent.local.LocalSweep", Started)
-    return seen
-
-
 @pytest.mark.parametrize("spec, visible, per_trial, gpus", [
     ("all", ["2", "3"], 1, ["2", "3"]), ("all", [], 1, [None]), ("1, 3", [], 1, ["1", "3"]),
     ("all", ["0", "1", "2", "3"], 2, ["0,1", "2,3"]), ("4,5,6,7", [], 4, ["4,5,6,7"])])

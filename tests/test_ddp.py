@@ -20,7 +20,7 @@ from tests.helpers import (AGENT, QUICK_VAL, agent_command, fresh_env, leet_summ
 
 pytestmark = pytest.mark.slow
 
-TWO = {"dataset": {"value": "synthetic"}, "val_fraction": {"value": QUICK_VAL}, "limit_train_batches": {"value": 8},
+TWO = {"dataset": {"value": "synthetic"}, "val_fraction": {"value": QUICK_VAL}, "limit_train_batches": {"value": 5},
        "max_epochs": {"value": 4}, "early_stopping_patience": {"value": 10}, "devices": {"value": 2}}
 PREEMPTED_EXIT = 128 + signal.SIGUSR1
 
@@ -98,7 +98,8 @@ def test_under_agent_local_a_rank_that_dies_fails_its_trial_at_once_and_the_next
              "parameters": {**TWO, "lr": {"values": [1e-3, 3e-3]}},
              "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]}
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(sweep))
-    controller = subprocess.Popen(agent_command("local", "ddp.yaml", "--dir", "D"), cwd=tmp_path,
+    # --cold: rank 1 starts cold whatever rank 0 does (test_wandb_agent.py and test_warm.py cover warm trials)
+    controller = subprocess.Popen(agent_command("local", "ddp.yaml", "--dir", "D", "--cold"), cwd=tmp_path,
                                   env=fresh_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         def first_trial() -> str | None:

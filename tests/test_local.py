@@ -226,7 +226,7 @@ def test_hyperband_stops_bad_trials_of_our_program_and_each_keeps_its_best_model
 OURS_SWEEP = {"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
               "parameters": {"lr": {"values": [1e-3, 3e-3]}, "dataset": {"value": "synthetic"},
                              "val_fraction": {"value": QUICK_VAL}, "max_epochs": {"value": 3},
-                             "limit_train_batches": {"value": 12}, "early_stopping_patience": {"value": 10}},
+                             "limit_train_batches": {"value": 8}, "early_stopping_patience": {"value": 10}},
               "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]}
 
 

@@ -92,22 +92,6 @@ def test_a_controller_killed_with_9_is_reaped_by_a_running_one_that_retries_its_
     assert all(len(run_dirs(tmp_path / "D", i)) == 2 for i in orphans)  # retried under its own id
 
 
-@pytest.fixture
-def started(monkeypatch) -> dict:
-    """LocalSweep replaced: what `agent local` would start it with (nothing, when it refuses first)."""
-    seen = {}
-
-    class Started:
-        def __init__(self, **kwargs):
-            seen.update(kwargs)
-
-        def run(self):
-            return 0
-
-    monkeypatch.setattr("agent.local.LocalSweep", Started)
-    return seen
-
-
 def test_a_store_that_cannot_be_used_is_one_line_and_nothing_is_made(tmp_path, postgres, capsys, monkeypatch,
                                                                      started):
     sweep = write_sweep(tmp_path, GRID)
