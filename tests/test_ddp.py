@@ -15,8 +15,9 @@ import yaml
 from agent.store import open_store
 from cifar_core.config import TrainConfig
 from cifar_core.ddp import digest
-from tests.helpers import (AGENT, QUICK_VAL, agent_command, fresh_env, leet_summary, records_of, run_dirs, run_record,
-                           start_wandb_agent, validated, wait_for)
+from tests.conftest import WARM
+from tests.helpers import (AGENT, QUICK_VAL, agent_command, fresh_env, leet_records, leet_summary, records_of, run_dirs,
+                           run_record, start_wandb_agent, validated, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -35,17 +36,14 @@ def logged_config(run_dir: Path) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in config.items() if k in TrainConfig.model_fields})
 
 
-def test_under_wandbs_agent_one_run_one_config_and_stops_and_preemptions_reach_both_ranks(tmp_path):
-    server, agent = start_wandb_agent(tmp_path, [*AGENT, "{control}", "--forward-signals", "ent/proj/sweep1"], TWO)
+@WARM
+def test_under_wandbs_agent_one_run_one_config_and_a_preemption_reaches_both_ranks(tmp_path, warm_worker):
+    server, agent = start_wandb_agent(tmp_path, [*AGENT, "{control}", "--forward-signals", "ent/proj/sweep1"], TWO,
+                                      AGENT_WARM_SOCKET=warm_worker.socket)  # rank 0 from it, rank 1 cold
     try:
-        # A stop to the agent reaches rank 0 alone; the ranks agree at the next batch and both end there.
-        server.run("ddpstop", lr={"value": 3e-3})
-        wait_for(lambda: server.val_epochs("ddpstop"), "ddpstop's first validation", timeout=180, proc=agent)
-        server.send({"type": "stop", "run_id": "ddpstop"})
-        wait_for(lambda: server.handed_out() and not server.running("ddpstop"), "the agent to reap ddpstop",
-                 proc=agent)
-        # A preemption notice, forwarded to rank 0 alone: the state is saved once; the same id resumes it.
-        server.run("ddppre")
+        # A preemption notice, forwarded to rank 0 alone: the ranks agree at the next batch, the state is
+        # saved once, and the same id resumes it.
+        server.run("ddppre", lr={"value": 3e-3})
         wait_for(lambda: 1 in server.val_epochs("ddppre"), "ddppre's second validation", timeout=180, proc=agent)
         agent.send_signal(signal.SIGUSR1)
         wait_for(lambda: not server.running("ddppre"), "the agent to reap ddppre", proc=agent)
@@ -61,24 +59,17 @@ def test_under_wandbs_agent_one_run_one_config_and_stops_and_preemptions_reach_b
             agent.kill()
     assert agent.returncode == 0, output[-3000:]
     # W&B's agent counts every run that ended as finished, and the preempted one as failed too, as it must.
-    assert json.loads((server.control / "agent.json").read_text()) == {"failed": 1, "finished": 3}
-
-    [stopped] = run_dirs(tmp_path, "ddpstop")  # one W&B run, on rank 0
-    records, code = run_record(tmp_path, "ddpstop")
-    assert code == 0 and len(set(server.val_epochs("ddpstop"))) < 4
-    config = logged_config(stopped)
+    assert json.loads((server.control / "agent.json").read_text()) == {"failed": 1, "finished": 2}
+    first, resumed = run_dirs(tmp_path, "ddppre")  # one W&B run an attempt, on rank 0
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
+    config = logged_config(first)
     assert config.lr == 3e-3 and config.devices == 2
     assert sorted(ranks_said(output)[:2]) == [(0, digest(config)), (1, digest(config))]  # the sweep's, on both
-    models = [a for a in records_of(records, "artifact") if a["type"] == "model"]
-    epochs = [json.loads(m["metadata"])["epoch"] for m in models[:-1]]
-    assert epochs == sorted(set(epochs)) and "test_acc" in json.loads(models[-1]["metadata"])  # each logged once
-
     records, code = run_record(tmp_path, "ddppre", attempt=0)
     assert code == PREEMPTED_EXIT and records_of(records, "preempting")
     records, code = run_record(tmp_path, "ddppre")
-    resumed = [h["item"]["epoch"] for h in records_of(records, "history") if "val_acc" in h["item"]]
-    assert code == 0 and resumed == list(range(saved_epoch, 4))
-    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 3  # ddpstop, ddppre and its resume
+    epochs = [h["item"]["epoch"] for h in records_of(records, "history") if "val_acc" in h["item"]]
+    assert code == 0 and epochs == list(range(saved_epoch, 4))
 
 
 def rank_1_of(run_id: str) -> int | None:
@@ -93,36 +84,42 @@ def rank_1_of(run_id: str) -> int | None:
     return None
 
 
-def test_under_agent_local_a_rank_that_dies_fails_its_trial_at_once_and_the_next_one_runs(tmp_path):
+def test_under_agent_local_a_rank_that_dies_fails_its_trial_at_once_and_a_stop_to_rank_0_ends_both(tmp_path):
     sweep = {"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
              "parameters": {**TWO, "lr": {"values": [1e-3, 3e-3]}},
              "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]}
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(sweep))
-    # --cold: rank 1 starts cold whatever rank 0 does (test_wandb_agent.py and test_warm.py cover warm trials)
+    # --cold: the trial is rank 0 itself (its pid in the store), and rank 1 starts cold whatever rank 0 does
     controller = subprocess.Popen(agent_command("local", "ddp.yaml", "--dir", "D", "--cold"), cwd=tmp_path,
                                   env=fresh_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def first_trial() -> str | None:
+        def trial(n: int) -> str | None:
             try:
-                return next((t.id for t in open_store(tmp_path / "D").trials()), None)
+                trials = open_store(tmp_path / "D").trials()
             except Exception:  # no sweep.db yet
                 return None
+            return trials[n].id if len(trials) > n and trials[n].pid else None
 
-        trial = wait_for(first_trial, "the first trial", timeout=300, proc=controller)
-        wait_for(validated(tmp_path / "D", trial, 0), f"{trial}'s first validation", timeout=180, proc=controller)
-        rank_1 = wait_for(lambda: rank_1_of(trial), f"{trial}'s rank 1", proc=controller)
-        os.kill(rank_1, signal.SIGKILL)
+        first = wait_for(lambda: trial(0), "the first trial", timeout=300, proc=controller)
+        wait_for(validated(tmp_path / "D", first, 0), f"{first}'s first validation", timeout=180, proc=controller)
+        os.kill(wait_for(lambda: rank_1_of(first), f"{first}'s rank 1", proc=controller), signal.SIGKILL)
         killed = time.time()
+        second = wait_for(lambda: trial(1), "the second trial", timeout=120, proc=controller)
+        wait_for(validated(tmp_path / "D", second, 0), f"{second}'s first validation", timeout=180, proc=controller)
+        os.kill(open_store(tmp_path / "D").trial(second).pid, signal.SIGTERM)  # as W&B's agent: to rank 0 alone
         out = controller.communicate(timeout=300)[0]
     finally:
         if controller.poll() is None:
             controller.kill()
     assert controller.returncode == 0, out[-3000:]
-    first, second = open_store(tmp_path / "D").trials()
-    assert (first.state, first.reason) == ("failed", "exit code 1: agent run: rank 1 of 2 died (killed by SIGKILL); "
-                                                     "the trial ends")
-    assert first.ended - killed < 15  # within seconds, not a wait in an all-reduce
-    assert second.state == "finished"
-    log = (tmp_path / "D" / "logs" / f"{second.id}.log").read_text()
-    [run_dir] = run_dirs(tmp_path / "D", second.id)
+    failed, stopped = open_store(tmp_path / "D").trials()
+    assert (failed.state, failed.reason) == ("failed", "exit code 1: agent run: rank 1 of 2 died (killed by SIGKILL); "
+                                                       "the trial ends")
+    assert failed.ended - killed < 15  # within seconds, not a wait in an all-reduce
+    assert (stopped.state, stopped.exit_code) == ("finished", 0) and len(stopped.history) < 4  # ended early
+    [run_dir] = run_dirs(tmp_path / "D", stopped.id)
+    log = (tmp_path / "D" / "logs" / f"{stopped.id}.log").read_text()
     assert sorted(ranks_said(log)) == [(0, digest(logged_config(run_dir))), (1, digest(logged_config(run_dir)))]
+    models = [a for a in records_of(leet_records(run_dir), "artifact") if a["type"] == "model"]
+    epochs = [json.loads(m["metadata"])["epoch"] for m in models[:-1]]
+    assert epochs == sorted(set(epochs)) and "test_acc" in json.loads(models[-1]["metadata"])  # each logged once
