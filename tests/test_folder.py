@@ -173,7 +173,7 @@ def test_a_finetune_sweep_on_a_folder_reports_picks_evaluates_and_exports_with_i
         "data_dir": str(root), "model": "timm/test_resnet", "pretrained_path": str(weights), "image_size": 32,
         "cache_dir": str(tmp_path / "cache"), "batch_size": 8, "max_epochs": 2}.items()})
     (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(sweep))
-    out = subprocess.run(agent_command("local", "finetune.yaml", "--count", "2", "--workers", "2", "--dir", "D",
+    out = subprocess.run(agent_command("local", "finetune.yaml", "--count", "2", "--dir", "D",
                                        "--report"), cwd=tmp_path, env=fresh_env(tmp_path), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
