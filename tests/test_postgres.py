@@ -1,6 +1,7 @@
 """Offline sweeps across boxes on one PostgreSQL server (a real one, started by the tests: conftest.postgres):
 three controllers, as three boxes would run them, share one sweep with every guarantee of the single-box one."""
 
+import json
 import shutil
 import signal
 import subprocess
@@ -51,7 +52,10 @@ def test_three_controllers_share_a_sweep_with_no_duplicate_and_run_cap_exact(tmp
     assert all(len(run_dirs(tmp_path / "D", t.id)) == 1 for t in trials)
     started = [o.count(" started: ") for o in outputs]
     assert sum(started) == 7 and sum(n > 0 for n in started) >= 2  # the boxes shared the work
-    assert main(["report", str(tmp_path / "D")]) == 0  # read from the shared store, with the box of each trial
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "D"), "--json"]) == 0  # any box reads the shared store from DIR
+    assert sorted(t["id"] for t in json.loads(capsys.readouterr().out)) == sorted(t.id for t in trials)
+    assert main(["report", str(tmp_path / "D")]) == 0  # with the box of each trial
     page = (tmp_path / "D" / "report.html").read_text()
     assert "<th>host</th>" in page and page.count(f"<td>{trials[0].host}</td>") == 7
 
