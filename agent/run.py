@@ -103,9 +103,10 @@ def prepare_data(config: TrainConfig, in_sweep: bool = False) -> None:
 
             load_folder(config.data_dir, config.resolution, config.cache_dir)
         if config.pretrained and not config.pretrained_path:
-            from cifar_core.model import create_model
+            from cifar_core.model import TIMM, create_model, in_hub_cache
 
-            create_model(config.model, pretrained=True)  # into the hub cache, under its lock
+            if not in_hub_cache(config.model.removeprefix(TIMM)):  # downloaded once, under the lock
+                create_model(config.model, pretrained=True)
     except DatasetError as e:
         raise UsageError(e.in_sweep() if in_sweep else str(e)) from None
 

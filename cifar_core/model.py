@@ -238,6 +238,15 @@ def create_model(model: str, num_classes: int = 10, dropout: float = 0.0, width:
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm loads a hub model's weights from
 
 
+def in_hub_cache(name: str) -> bool:
+    """Whether timm's pretrained weights of network `name` (timm's name) are in this box's hub cache."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    hub_id = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+    return bool(hub_id) and any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in HUB_FILES)
+
+
 def from_hub(name: str, **options) -> nn.Module:
     """timm's network with its pretrained weights, through timm's own loader: read from the hub cache with no
     request at all when they are there (the hub client would ask the server first, and retry for a minute
@@ -246,13 +255,10 @@ def from_hub(name: str, **options) -> nn.Module:
     import urllib.parse
 
     import timm
-    from huggingface_hub import constants, try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
+    from huggingface_hub import constants
 
-    config = get_pretrained_cfg(name)
-    hub_id = getattr(config, "hf_hub_id", None)
     with box_lock(Path(constants.HF_HUB_CACHE), f"timm-{name}"):
-        if hub_id and any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in HUB_FILES):
+        if in_hub_cache(name):
             offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True  # read at each call
             try:
                 return timm.create_model(name, pretrained=True, **options)
