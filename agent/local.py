@@ -157,7 +157,8 @@ class LocalSweep:
         """The live trials of controllers that died, here or on another box, marked crashed."""
         reaped = self.store.reap_dead_controllers()
         for trial_id in reaped:
-            self.view.event(f"{trial_id} crashed: its controller died" + ("; retrying it" if self.retry_crashed else ""))
+            retrying = "; retrying it" if self.retry_crashed else ""
+            self.view.event(f"{trial_id} crashed: its controller died{retrying}")
         return reaped
 
     def handle_signals(self):

@@ -92,6 +92,12 @@ def waits_on_lock(pid: int, lock: Path) -> bool:
     return False
 
 
+def python(source: str, *args) -> subprocess.Popen:
+    """`python -c SOURCE ARGS` with the repo importable, its output piped (a test's second process)."""
+    return subprocess.Popen([sys.executable, "-c", source, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def validated(wandb_dir: Path, run_id: str, epoch: int) -> Callable[[], bool]:
     """A wait_for condition: the newest run `run_id` under `wandb_dir` has logged its validation of `epoch`."""
     rows: list[dict] = []
@@ -111,7 +117,7 @@ def fresh_env(root: Path, **extra: str) -> dict[str, str]:
     return {**env, **offline_env(root), **extra}
 
 
-# W&B's real `wandb agent`, only its server calls replaced (tests/programs/wandb_agent_offline.py), driven through files.
+# W&B's real `wandb agent`, its server calls replaced (tests/programs/wandb_agent_offline.py), driven through files.
 AGENT = [sys.executable, str(PROGRAMS / "wandb_agent_offline.py")]
 
 

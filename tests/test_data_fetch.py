@@ -1,10 +1,8 @@
 """fetch: one download per box, one line when there is no data and no network; CIFAR10_DATA_DIR."""
 
 import hashlib
-import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import urllib.error
 from dataclasses import replace
@@ -17,7 +15,7 @@ from agent.__main__ import main
 from cifar_core.config import TrainConfig
 from cifar_core.fetch import ARCHIVES, DatasetError, fetch
 from tests.conftest import write_cifar
-from tests.helpers import REPO, wait_for, waits_on_lock
+from tests.helpers import REPO, python, wait_for, waits_on_lock
 
 # A fetch in its own process: the download is a fake that records its call, then finishes only once
 # the test creates HANDSHAKE/go; prints what the folder held when fetch returned.
@@ -144,9 +142,7 @@ def test_two_processes_fetching_at_once_download_once_and_both_get_the_whole_fol
         return (handshake / "calls").read_text().split() if (handshake / "calls").exists() else []
 
     def start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", TWO_PROCESS_FETCH, str(data_dir), str(archive), str(handshake)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        return python(TWO_PROCESS_FETCH, data_dir, archive, handshake)
 
     first = start()
     wait_for(calls, "the first process to start downloading", 60, first)

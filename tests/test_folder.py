@@ -4,7 +4,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from cifar_core.data import ImageDataModule
 from cifar_core.fetch import DatasetError
 from cifar_core.folder import load_folder, stored_size
 from tests.conftest import FOLDER_CLASSES, write_cifar100, write_image_folder
-from tests.helpers import REPO, agent_command, fresh_env, wait_for, waits_on_lock
+from tests.helpers import REPO, agent_command, fresh_env, python, wait_for, waits_on_lock
 
 
 def folder_data(data_dir: Path, cache: Path, **kwargs) -> ImageDataModule:
@@ -138,9 +137,7 @@ def test_two_trials_starting_at_once_decode_the_folder_once(tmp_path):
         return set((handshake / "decoding").read_text().split()) if (handshake / "decoding").exists() else set()
 
     def start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", BUILD, str(root), str(cache), str(handshake)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        return python(BUILD, root, cache, handshake)
 
     first = start()
     wait_for(decoders, "the first trial to start decoding", 60, first)
