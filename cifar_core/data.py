@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from cifar_core.augment import augment_batch, center_crop, resized_crop_flip_batch, translate_flip_batch
 from cifar_core.cifar import read_all, read_class_names
@@ -137,7 +137,7 @@ class TensorBatches:
             yield self.split[index], self.split.labels[index], index
 
 
-class _Gather(TensorDataset):
+class _Gather(Dataset):
     def __init__(self, split: Split):
         self.split = split
 
