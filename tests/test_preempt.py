@@ -31,8 +31,8 @@ ARGS = ("run", "--dataset=synthetic", f"--val_fraction={QUICK_VAL}", "--max_epoc
         "--early_stopping_patience=10")
 
 
-def start(tmp_path: Path, worker, run_id: str) -> subprocess.Popen:
-    return subprocess.Popen(agent_command(*ARGS), cwd=tmp_path, env=run_env(tmp_path, worker, run_id),
+def start(tmp_path: Path, worker, run_id: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(agent_command(*ARGS, *extra), cwd=tmp_path, env=run_env(tmp_path, worker, run_id),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -81,7 +81,9 @@ def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that
 @WARM
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130)])
 def test_ctrl_c_ends_the_run_with_its_best_model_logged(tmp_path, warm_worker, signum, code):
-    run = start(tmp_path, warm_worker, "ended01")
+    # Epochs enough that the Ctrl-C lands in training however late a loaded box lets the test see epoch 0
+    # (CI once saw it after all 4 of ARGS's had run); the Ctrl-C ends the run, so they cost nothing.
+    run = start(tmp_path, warm_worker, "ended01", "--max_epochs=40")
     wait_for(validated(tmp_path, "ended01", 0), "ended01's first validation", proc=run)
     run.send_signal(signum)
     stdout, stderr = run.communicate(timeout=120)
@@ -92,7 +94,7 @@ def test_ctrl_c_ends_the_run_with_its_best_model_logged(tmp_path, warm_worker, s
     final = model_artifacts(records)[-1]
     assert set(final["aliases"]) == {"best", "latest"} and "test_acc" in final["metadata"]
     epochs = {h["item"]["epoch"] for h in records_of(records, "history") if "val_acc" in h["item"]}
-    assert len(epochs) < 4  # it ended early
+    assert len(epochs) < 40  # it ended early
 
 
 def fake_run(tmp_path: Path, resumed: bool, offline: bool, artifact_dir: Path | None = None):
