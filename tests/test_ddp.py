@@ -86,7 +86,9 @@ def rank_1_of(run_id: str) -> int | None:
 
 def test_under_agent_local_a_rank_that_dies_fails_its_trial_at_once_and_a_stop_to_rank_0_ends_both(tmp_path):
     sweep = {"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
-             "parameters": {**TWO, "lr": {"values": [1e-3, 3e-3]}},
+             # Epochs to spare: the kill and the stop end both trials, however late a loaded box shows the test
+             # their first validation.
+             "parameters": {**TWO, "max_epochs": {"value": 20}, "lr": {"values": [1e-3, 3e-3]}},
              "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]}
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(sweep))
     # --cold: the trial is rank 0 itself (its pid in the store), and rank 1 starts cold whatever rank 0 does
@@ -116,7 +118,7 @@ def test_under_agent_local_a_rank_that_dies_fails_its_trial_at_once_and_a_stop_t
     assert (failed.state, failed.reason) == ("failed", "exit code 1: agent run: rank 1 of 2 died (killed by SIGKILL); "
                                                        "the trial ends")
     assert failed.ended - killed < 15  # within seconds, not a wait in an all-reduce
-    assert (stopped.state, stopped.exit_code) == ("finished", 0) and len(stopped.history) < 4  # ended early
+    assert (stopped.state, stopped.exit_code) == ("finished", 0) and len(stopped.history) < 20  # ended early
     [run_dir] = run_dirs(tmp_path / "D", stopped.id)
     log = (tmp_path / "D" / "logs" / f"{stopped.id}.log").read_text()
     assert sorted(ranks_said(log)) == [(0, digest(logged_config(run_dir))), (1, digest(logged_config(run_dir)))]
