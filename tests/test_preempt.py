@@ -47,7 +47,8 @@ def model_artifacts(records: list[dict]) -> list[dict]:
 @pytest.mark.slow
 @WARM
 def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that_epoch(tmp_path, warm_worker):
-    first = start(tmp_path, warm_worker, "preempt01")
+    # Epochs to spare before the notice lands (see the Ctrl-C test below); the resume is told ARGS's 4.
+    first = start(tmp_path, warm_worker, "preempt01", "--max_epochs=40")
     wait_for(validated(tmp_path, "preempt01", 1), "preempt01's second validation", proc=first)
     first.send_signal(signal.SIGUSR1)
     stdout, stderr = first.communicate(timeout=120)
@@ -82,7 +83,7 @@ def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130)])
 def test_ctrl_c_ends_the_run_with_its_best_model_logged(tmp_path, warm_worker, signum, code):
     # Epochs enough that the Ctrl-C lands in training however late a loaded box lets the test see epoch 0
-    # (CI once saw it after all 4 of ARGS's had run); the Ctrl-C ends the run, so they cost nothing.
+    # (a run once ended all 4 of ARGS's first); the Ctrl-C ends the run, so they cost nothing.
     run = start(tmp_path, warm_worker, "ended01", "--max_epochs=40")
     wait_for(validated(tmp_path, "ended01", 0), "ended01's first validation", proc=run)
     run.send_signal(signum)
