@@ -61,6 +61,11 @@ def records_of(records: list[dict], kind: str) -> list[dict]:
     return [r[kind] for r in records if r["type"] == kind]
 
 
+def validated_epochs(records: list[dict]) -> list[int]:
+    """The epochs whose validation a run logged, in order, from its records (leet_records)."""
+    return [h["item"]["epoch"] for h in records_of(records, "history") if "val_acc" in h["item"]]
+
+
 def run_dirs(wandb_dir: Path, run_id: str) -> list[Path]:
     """Every attempt's offline run directory of `run_id` under `wandb_dir`, oldest first."""
     return sorted((Path(wandb_dir) / "wandb").glob(f"offline-run-*-{run_id}"))

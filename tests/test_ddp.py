@@ -17,7 +17,7 @@ from cifar_core.config import TrainConfig
 from cifar_core.ddp import digest
 from tests.conftest import WARM
 from tests.helpers import (AGENT, QUICK_VAL, agent_command, fresh_env, leet_records, leet_summary, records_of, run_dirs,
-                           run_record, start_wandb_agent, validated, wait_for)
+                           run_record, start_wandb_agent, validated, validated_epochs, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_under_wandbs_agent_one_run_one_config_and_a_preemption_reaches_both_ran
     records, code = run_record(tmp_path, "ddppre", attempt=0)
     assert code == PREEMPTED_EXIT and records_of(records, "preempting")
     records, code = run_record(tmp_path, "ddppre")
-    epochs = [h["item"]["epoch"] for h in records_of(records, "history") if "val_acc" in h["item"]]
+    epochs = validated_epochs(records)
     assert code == 0 and epochs == list(range(saved_epoch, 4))
 
 

@@ -14,8 +14,8 @@ from agent.errors import UsageError
 from agent.local import trial_command
 from agent.store import open_store
 from tests.conftest import HYPERBAND
-from tests.helpers import (PROGRAMS, QUICK_VAL, REPO, agent_command, fresh_env, leet_records, records_of, run_dirs,
-                           validated, wait_for)
+from tests.helpers import (PROGRAMS, QUICK_VAL, REPO, agent_command, fresh_env, leet_records, run_dirs,
+                           validated, validated_epochs, wait_for)
 
 FOREIGN = PROGRAMS / "foreign_train.py"
 
@@ -259,13 +259,10 @@ def test_ctrl_c_pauses_our_trials_and_the_same_command_resumes_them_first(tmp_pa
     assert [(t.id == first, t.state) for t in trials] == [(True, "finished"), (False, "finished")]
     assert len(trials[0].history) == 3  # one val_acc per epoch, across both attempts
 
-    def validated_epochs(run_dir: Path) -> list[int]:
-        return [h["item"]["epoch"] for h in records_of(leet_records(run_dir), "history") if "val_acc" in h["item"]]
-
     # The pause lands in epoch 0 or, when the test sees epoch 0 late, after epoch 1: either way the resume
     # continues from its saved state and repeats no epoch.
     earlier, resumed = run_dirs(tmp_path / "D", first)
-    assert validated_epochs(earlier) + validated_epochs(resumed) == [0, 1, 2]
+    assert validated_epochs(leet_records(earlier)) + validated_epochs(leet_records(resumed)) == [0, 1, 2]
 
 
 @pytest.mark.slow

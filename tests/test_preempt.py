@@ -25,7 +25,7 @@ from cifar_core.config import TrainConfig
 from cifar_core.train import Preempted, train
 from tests.conftest import WARM
 from tests.helpers import (QUICK_VAL, agent_command, fresh_env, leet_records, offline_env, records_of, run_dirs,
-                           validated, wait_for)
+                           validated, validated_epochs, wait_for)
 
 ARGS = ("run", "--dataset=synthetic", f"--val_fraction={QUICK_VAL}", "--max_epochs=4", "--limit_train_batches=12",
         "--early_stopping_patience=10")
@@ -72,7 +72,7 @@ def test_a_preemption_notice_saves_the_state_and_the_same_run_id_resumes_at_that
     assert second.returncode == 0, second.stderr[-2000:]
     assert f"resumed_from={first_dir / 'checkpoints' / 'preempt.ckpt'}" in second.stdout
     records = leet_records(run_dirs(tmp_path, "preempt01")[-1])
-    epochs = [h["item"]["epoch"] for h in records_of(records, "history") if "val_acc" in h["item"]]
+    epochs = validated_epochs(records)
     assert epochs == list(range(saved_epoch, 4)) and saved_epoch >= 1  # continued at the saved epoch
     assert "best" in model_artifacts(records)[-1]["aliases"]
 
@@ -94,7 +94,7 @@ def test_ctrl_c_ends_the_run_with_its_best_model_logged(tmp_path, warm_worker, s
     assert not records_of(records, "preempting")
     final = model_artifacts(records)[-1]
     assert set(final["aliases"]) == {"best", "latest"} and "test_acc" in final["metadata"]
-    epochs = {h["item"]["epoch"] for h in records_of(records, "history") if "val_acc" in h["item"]}
+    epochs = set(validated_epochs(records))
     assert len(epochs) < 40  # it ended early
 
 

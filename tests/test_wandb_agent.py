@@ -15,7 +15,8 @@ import pytest
 
 from agent.runlog import find_run_file
 from tests.conftest import WARM
-from tests.helpers import AGENT, QUICK_VAL, records_of, run_dirs, run_record, start_wandb_agent, wait_for
+from tests.helpers import (AGENT, QUICK_VAL, records_of, run_dirs, run_record, start_wandb_agent, validated_epochs,
+                           wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +83,7 @@ def test_stops_finish_runs_with_their_best_model_and_preemption_requeues_them(ag
     wait_for(lambda: not server.running("preempted1"), "the resumed run to end", timeout=180, proc=proc)
     records, code = run_record(tmp_path, "preempted1")
     assert code == 0
-    resumed = [h["item"]["epoch"] for h in records_of(records, "history") if "val_acc" in h["item"]]
+    resumed = validated_epochs(records)
     assert resumed == list(range(saved_epoch, 4))  # continued, not from epoch 0
 
     # A burst of stops, each right after its run started (as hyperband gives): every run finishes
