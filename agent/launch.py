@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import SWEEP_PATH, UsageError
+from agent.install import this_python_first
 from agent.validate import load_sweep, runs_our_program, sweep_problems
 from agent.wandb_errors import find_sweep, wandb_api
 from agent.warm_client import READY_TIMEOUT, WarmWorker
@@ -123,7 +124,7 @@ class Launcher:
         self.warm = warm  # a warm worker per agent, if the sweep runs our program (agent/warm.py)
 
     def env(self, slot: AgentSlot) -> dict:
-        env = dict({"WANDB_AGENT_KILL_DELAY": KILL_DELAY}, **os.environ)
+        env = this_python_first(dict({"WANDB_AGENT_KILL_DELAY": KILL_DELAY}, **os.environ))
         if slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
         if slot.worker is not None:  # the agent passes its environment on to each run it starts

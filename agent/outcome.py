@@ -8,16 +8,14 @@ diverging loss: `diverged_at_step`), so the trial is finished even if a hyperban
 
 import re
 
+from agent.install import interpreter_hint, matching_pair_command
+
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 WANDB_LINE = re.compile(r"wandb:( |$)")  # wandb's own closing lines (find logs at, sync with ...)
 CUT_SHORT = ("stop", "interrupt")
 # An error every trial will hit, and its fix: a broken installation, not a bad config.
-ENVIRONMENT = [(re.compile(r"operator torchvision::\w+ does not exist"),
-                "torch and torchvision do not match; fix: pip install --upgrade torch torchvision"),
-               (re.compile(r"No module named '([\w.]+)'"),
-                "fix: install what provides it (pip install -e . installs this project's dependencies)"),
-               (re.compile(r"^(ImportError|OSError): .*(lib\w*\.so|undefined symbol)"),
-                "a compiled library does not load; fix: reinstall the package it belongs to")]
+ENVIRONMENT = [re.compile(r"operator torchvision::\w+ does not exist"), re.compile(r"No module named '([\w.]+)'"),
+               re.compile(r"^(ImportError|OSError): .*(lib\w*\.so|undefined symbol)")]
 
 
 def own_error(output: str) -> str:
@@ -35,13 +33,17 @@ def own_error(output: str) -> str:
     return lines[-1][:300]
 
 
-def environment_error(reason: str) -> str | None:
-    """`reason` with its fix, when it is an error every trial will hit (a broken install); else None."""
-    for pattern, fix in ENVIRONMENT:
-        if pattern.search(reason):
-            return f"{reason} ({fix})"
+def environment_error(reason: str, env: dict) -> str | None:
+    """`reason` with its fix, when it is an error every trial will hit (a broken install); else None. `env`: the
+    trials' environment (which `python` they run)."""
+    torchvision, module, library = (pattern.search(reason) for pattern in ENVIRONMENT)
+    if torchvision:
+        return f"{reason} (torch and torchvision do not match; fix: {matching_pair_command()})"
+    if module:
+        return f"{reason} ({interpreter_hint(env)})"
+    if library:
+        return f"{reason} (a compiled library does not load; fix: reinstall the package it belongs to)"
     return None
-
 
 def diverged(summary: dict) -> str | None:
     """The reason a run's summary gives for a loss that stopped being finite, if it does."""
@@ -54,7 +56,7 @@ def outcome(code: int, stop_requested: bool, paused: bool, summary: dict, metric
     ended_by = summary.get("ended_by")
     # A trial that says it completed (ours exits 0 only then) finished before the pause could matter.
     if paused and (code != 0 or ended_by is None or ended_by in CUT_SHORT):
-        return "paused", "paused by Ctrl-C; the same command resumes it"
+        return "paused", None  # why, and how to resume it: the controller's to say
     if stop_requested and (ended_by is None or ended_by in CUT_SHORT):  # ended by the stop, however it exited
         return "stopped", "early-terminated by hyperband"
     if code != 0:

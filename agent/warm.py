@@ -46,6 +46,9 @@ def preload() -> None:
     # Every run's requirements.txt lists the installed packages: read them once, not per trial.
     packages = list(wandb.util.working_set())
     wandb.util.working_set = lambda: iter(packages)
+    from agent.install import pair_problem
+
+    pair_problem()  # its metadata reads are cached: once here, not in every trial
 
 
 def children_can_use_cuda() -> bool:

@@ -3,6 +3,7 @@ import sys
 
 import pytest
 
+from agent.__main__ import main
 from agent.run import parse_flags
 from agent.validate import validate
 from tests.conftest import WARM, write_cifar
@@ -22,6 +23,17 @@ def test_bad_input_exits_2_with_one_line_naming_the_key(flag, expected, offline_
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and expected in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "wandb").exists()  # refused before any run was started
+
+
+def test_a_mismatched_torch_pair_is_said_by_the_first_command_with_a_fix_that_keeps_a_cpu_box_on_cpu(mocker, capsys):
+    mocker.patch("agent.install._installed", {"torch": "2.14.1+cpu", "torchvision": "0.29.1"}.get)
+    assert main(["run", "--dataset=synthetic"]) == 2  # it would load torchvision: refused before it fails on import
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == ("agent run: torch 2.14.1+cpu and torchvision 0.29.1 do not match (one is a CPU build, the other a "
+                    "CUDA one); fix: pip install --force-reinstall --no-deps torchvision==0.29.1+cpu --index-url "
+                    "https://download.pytorch.org/whl/cpu")
+    assert main(["validate", str(REPO / "sweeps" / "bayes.yaml")]) == 0  # needs no torch: said, not refused
+    assert capsys.readouterr().err.startswith("agent validate: warning: torch 2.14.1+cpu and torchvision 0.29.1")
 
 
 def test_shipped_sweeps_validate(capsys):

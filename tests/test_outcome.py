@@ -1,7 +1,12 @@
 """What a trial's end means (agent/outcome.py): its state and the reason every view shows."""
 
+import os
+import shutil
+import sys
+
 import pytest
 
+from agent.install import pair_problem, this_python_first
 from agent.outcome import environment_error, outcome, own_error
 
 WANDB_TAIL = ("\x1b[1;34mwandb\x1b[0m: \n\x1b[1;34mwandb\x1b[0m: You can sync this run to the cloud by running:\n"
@@ -31,11 +36,38 @@ def test_a_trials_reason_is_its_own_error_without_colour_codes(output, expected)
     assert own_error(output) == expected
 
 
-def test_errors_every_trial_would_hit_come_with_their_fix():
-    assert environment_error("RuntimeError: operator torchvision::nms does not exist").endswith(
-        "(torch and torchvision do not match; fix: pip install --upgrade torch torchvision)")
-    assert "fix: install what provides it" in environment_error("ModuleNotFoundError: No module named 'timm'")
-    assert environment_error("ValueError: x=0.7 is above FAIL_ABOVE") is None
+def test_errors_every_trial_would_hit_come_with_their_fix(mocker):
+    mocker.patch("agent.install._installed", {"torch": "2.14.1+cpu", "torchvision": "0.29.1"}.get)
+    env = this_python_first(dict(os.environ))
+    assert environment_error("RuntimeError: operator torchvision::nms does not exist", env).endswith(
+        "(torch and torchvision do not match; fix: pip install --force-reinstall --no-deps torchvision==0.29.1+cpu "
+        "--index-url https://download.pytorch.org/whl/cpu)")  # a CPU torch stays on CPU wheels
+    assert "fix: install what provides it" in environment_error("ModuleNotFoundError: No module named 'timm'", env)
+    assert environment_error("ValueError: x=0.7 is above FAIL_ABOVE", env) is None
+
+
+def test_a_trial_that_ran_another_python_is_told_which_and_why(tmp_path):
+    other = tmp_path / "python"  # the first `python` on a PATH where this interpreter's environment is not active
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    reason = environment_error("ModuleNotFoundError: No module named 'wandb'", {"PATH": str(tmp_path)})
+    assert f"the trial ran `python` = {other}, this command runs {sys.executable}; fix: activate the environment" \
+        in reason
+    assert shutil.which("python", path=this_python_first({"PATH": str(tmp_path)})["PATH"]) != str(other)
+
+
+@pytest.mark.parametrize("torch, vision, expected", [
+    ("2.14.1+cpu", "0.29.1", "one is a CPU build, the other a CUDA one); fix: pip install --force-reinstall "
+                             "--no-deps torchvision==0.29.1+cpu --index-url https://download.pytorch.org/whl/cpu"),
+    ("2.14.1", "0.29.1+cpu", "one is a CPU build, the other a CUDA one); fix: pip install --force-reinstall "
+                             "--no-deps torchvision==0.29.1"),
+    ("2.14.1+cu126", "0.28.0+cu126", "they are of different releases); fix: pip install --force-reinstall "
+                                     "--no-deps torchvision==0.29.1+cu126 --index-url https://download.pytorch.org/whl/cu126"),
+    ("2.14.1+cpu", "0.29.1+cpu", None), ("2.14.1", "0.29.1", None),
+])
+def test_a_torch_and_torchvision_of_two_builds_or_releases_are_named_with_the_fix(torch, vision, expected):
+    problem = pair_problem(torch, vision)
+    assert problem == expected or problem.endswith(expected)
 
 
 def ended(code=0, stop=False, paused=False, summary=None, value=0.5, history=(0.5,), output=""):
@@ -57,7 +89,7 @@ def test_a_diverged_trial_is_finished_with_the_step_it_diverged_at():
 
 
 def test_a_paused_trial_is_paused_unless_it_says_it_completed():
-    paused = ("paused", "paused by Ctrl-C; the same command resumes it")
+    paused = ("paused", None)  # the controller says why and how to resume
     assert ended(code=138, paused=True, summary={"ended_by": "completed"}) == paused  # preempted, state saved
     assert ended(code=-9, paused=True) == paused
     assert ended(paused=True) == paused  # a program that exits 0 on its stop, saying nothing
