@@ -24,6 +24,9 @@ if __name__ == "__main__" and sys.argv[1:2] == ["run"] and os.environ.get("AGENT
 import argparse  # noqa: E402  (after the warm path, which must not pay for these)
 import atexit  # noqa: E402
 import math  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from agent.errors import RunEndedEarly, UsageError  # noqa: E402
 
@@ -84,12 +87,26 @@ def write_report(directory):
     return write_report(directory)
 
 
+def command_line(argv: list[str]) -> str:
+    """This command as the user runs it again: `python -m agent ...`, the interpreter named by its path when the
+    `python` on PATH is another one (a virtual environment that is not activated)."""
+    try:  # asked, not looked up: `python` may be a shim (pyenv) that runs this one
+        answer = subprocess.run(["python", "-c", "import sys; print(sys.executable)"], capture_output=True, text=True,
+                                timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        answer = ""
+    same = bool(answer) and os.path.realpath(answer) == os.path.realpath(sys.executable)
+    return shlex.join(["python" if same else sys.executable, "-m", "agent", *argv])
+
+
 def local_command(args) -> int:
     """The controller runs any W&B program; what is ours (the config checks, the data, warm workers that
     import our code, resumable trials) is decided here."""
+    from agent.install import pair_problem
     from agent.launch import parse_gpus
-    from agent.local import LocalSweep, open_sweep
+    from agent.local import LocalSweep, open_sweep, progress, sweeps_of, work_left
     from agent.status import SweepView
+    from agent.store import open_store
     from agent.validate import load_sweep, runs_our_program, sweep_problems
 
     if args.gpus_per_trial > 1 and not args.gpus:
@@ -102,19 +119,40 @@ def local_command(args) -> int:
     if store_url and not store_url.startswith("postgresql://"):
         raise UsageError(f"--store={store_url!r}: expected postgresql://USER@HOST[:PORT]/DB (without it, the "
                          "store is SQLite, DIR/sweep.db)")
+    if args.new and (args.dir or args.sweep_id):
+        raise UsageError("--new starts a sweep in a new ./sweeps-local/SWEEP_ID: leave out --dir and --sweep-id")
+    directory = args.dir
+    if not (directory or store_url or args.new):  # the same command again resumes this YAML's sweep
+        earlier = sweeps_of(sweep)
+        directory = next((str(d) for d in earlier if work_left(open_store(str(d)).trials(), sweep, args.count,
+                                                               args.retry_crashed)), None)
+        if directory is None and earlier:
+            trials = open_store(str(earlier[0])).trials()
+            print(f"sweep {earlier[0].name} of this YAML ({earlier[0]}) is finished: "
+                  f"{progress(trials, sweep, args.count)}; for more trials, raise --count (the total across runs), "
+                  f"or start another sweep of it: {command_line([*args.argv, '--new'])}")
+            return 0
+        if directory is not None:
+            print(f"resuming sweep {Path(directory).name} ({directory}): "
+                  f"{progress(open_store(directory).trials(), sweep, args.count)}; --new starts another", flush=True)
     ours = runs_our_program(sweep)
+    if problem := pair_problem():
+        if ours:
+            raise UsageError(f"the sweep's program cannot run here: {problem}")
+        print(f"agent local: warning: {problem}", file=sys.stderr)
     if ours:
         from agent.run import prepare_sweep
 
         prepare_sweep(sweep)
-    store, sweep_id, root = open_sweep(sweep, args.dir, args.sweep_id, store_url)
+    store, sweep_id, root = open_sweep(sweep, directory, args.sweep_id, store_url)
     if store.postgres:
         print(f"sweep {sweep_id} in {store.where()}; on other boxes: python -m agent local {args.sweep} --store "
               f"{store.where()} --sweep-id {sweep_id} --dir {root.resolve()}", flush=True)
     return LocalSweep(store=store, sweep_id=sweep_id, sweep=sweep, root=root, gpus=gpus, count=args.count,
                       retry_crashed=args.retry_crashed, max_consecutive_failures=args.max_consecutive_failures,
                       grace=args.grace, view=SweepView(sweep_id, sweep, root), warm=ours and not args.cold,
-                      resumes=ours, on_trial_end=write_report if args.report else None).run()
+                      resumes=ours, on_trial_end=write_report if args.report else None,
+                      resume_command=command_line([a for a in args.argv if a != "--new"])).run()
 
 
 def status_command(args) -> int:
@@ -171,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     local = commands.add_parser(
         "local", help="run a sweep YAML offline (no W&B server)",
         description="Run a W&B sweep YAML with no server: W&B's own engine suggests the trials, each runs as "
-                    "`wandb agent` would run it, offline, under DIR. Run it again with the same --dir to resume.")
+                    "`wandb agent` would run it, offline, under DIR. The same command again resumes the sweep of "
+                    "this YAML under ./sweeps-local (or the one in --dir).")
     local.set_defaults(func=local_command)
     local.add_argument("sweep", metavar="SWEEP.yaml")
     local.add_argument("--count", type=positive_int, metavar="N",
@@ -183,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "torch sees) or a list like 0,1 (sets CUDA_VISIBLE_DEVICES)")
     local.add_argument("--gpus-per-trial", type=positive_int, default=1, metavar="N",
                        help="GPUs of each trial (DDP, one process per GPU): --gpus in groups of N (default 1)")
-    local.add_argument("--dir", help="state and runs (default: a new ./sweeps-local/SWEEP_ID)")
+    local.add_argument("--dir", help="state and runs (default: ./sweeps-local/SWEEP_ID, the unfinished sweep of the "
+                                     "same YAML there if there is one, else a new one)")
+    local.add_argument("--new", action="store_true",
+                       help="start another sweep of this YAML, even if an unfinished one is under ./sweeps-local")
     local.add_argument("--sweep-id", help="use this id (e.g. of a W&B sweep made from the same YAML, so the runs "
                                           "join it on `wandb sync`); with --store, the sweep to join there if it "
                                           "exists; default: a new random id")
@@ -262,13 +304,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_install(command: str) -> None:
+    """A torch and torchvision that do not belong together, said by the first command a user runs (pip may
+    have left them so and exited 0): refused where this command loads networks, else a warning. `local` says
+    it itself, once it knows whether the sweep runs our program."""
+    from agent.install import pair_problem
+
+    if command != "local" and (problem := pair_problem()):
+        if command in ("run", "best"):
+            raise UsageError(problem)
+        print(f"agent {command}: warning: {problem}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, flags = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, flags = build_parser().parse_known_args(argv)
+    args.argv = argv
     try:
         if args.command == "run":  # its flags are TrainConfig's, checked by agent.run
             args.flags = flags
         elif flags:
             raise UsageError(f"unrecognized arguments: {' '.join(flags)}")
+        check_install(args.command)
         return args.func(args)
     except UsageError as e:
         print(f"agent {args.command}: {e}", file=sys.stderr)

@@ -25,11 +25,12 @@ from wandb.sdk.lib.runid import generate_id
 
 from agent.engine import as_sweep_run, engine_config, plain, sweeps, trial_command
 from agent.errors import UsageError
+from agent.install import this_python_first
 from agent.outcome import environment_error, outcome, own_error
 from agent.runlog import RunLogReader, find_run_file
 from agent.status import SweepView
 from agent.store import Store, sqlite_url, write_pointer
-from agent.trials import LIVE, Trial, is_number, sweep_metric
+from agent.trials import LIVE, Trial, is_number, state_counts, sweep_metric
 from agent.warm_client import READY_TIMEOUT, WarmWorker
 
 POLL_SECONDS = 0.5
@@ -42,12 +43,60 @@ def _die_with_parent():
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
 
 
+SWEEPS_HOME = Path("sweeps-local")  # where a sweep's DIR goes when the command names none
+
+
+def trial_limit(sweep: dict, count: int | None) -> int | None:
+    """How many trials the sweep may have in all: --count and run_cap, the smaller; None for no limit."""
+    caps = [c for c in (count, sweep.get("run_cap")) if c]
+    return min(caps) if caps else None
+
+
+def work_left(trials: list[Trial], sweep: dict, count: int | None, retry_crashed: bool) -> bool:
+    """Whether a controller of this sweep would run anything: a paused or live trial, a crashed one it retries,
+    or a trial more (fewer than the limit, or a grid with points left)."""
+    if any(t.state == "paused" or t.state in LIVE or (retry_crashed and t.state == "crashed") for t in trials):
+        return True
+    limit = trial_limit(sweep, count)
+    if limit is not None:
+        return len(trials) < limit
+    if sweep.get("method") != "grid":
+        return True
+    runs = [as_sweep_run(t, sweep_metric(sweep)[0]) for t in trials]
+    return sweeps.next_run(engine_config(sweep), runs) is not None
+
+
+def progress(trials: list[Trial], sweep: dict, count: int | None) -> str:
+    """"2 paused, 1 finished of 4": the trials so far, and the limit when there is one."""
+    limit = trial_limit(sweep, count)
+    return state_counts(trials) + (f" of {limit}" if limit is not None else "")
+
+
+def sweeps_of(sweep: dict) -> list[Path]:
+    """The folders under ./sweeps-local that hold a sweep of this YAML, the most recently active first. The same
+    YAML is the same settings (the parsed file: its name, comments and layout do not count)."""
+    found = []
+    for database in SWEEPS_HOME.glob("*/sweep.db"):
+        try:
+            store = Store(sqlite_url(database.parent), readonly=True)
+        except UsageError:  # damaged, or no sweep yet: nothing to resume there
+            continue
+        try:
+            held = store.sweep()
+        finally:
+            store.close()
+        if held is not None and held[1] == json.loads(json.dumps(sweep)):
+            found.append(database.parent)
+    last_write = {d: max(f.stat().st_mtime for f in d.glob("sweep.db*")) for d in found}
+    return sorted(found, key=last_write.get, reverse=True)
+
+
 def open_sweep(sweep: dict, directory: str | None, sweep_id: str | None = None,
                store_url: str | None = None) -> tuple[Store, str, Path]:
     """The store of a validated sweep (made, or the same YAML's again: to resume it, or to join it from another
     box), its id and DIR. With `store_url` (PostgreSQL), the sweep `sweep_id` there; else DIR/sweep.db."""
     sweep_id = sweep_id or generate_id(8)
-    root = Path(directory) if directory else Path("sweeps-local") / sweep_id
+    root = Path(directory) if directory else SWEEPS_HOME / sweep_id
     if store_url:
         store = Store(store_url)  # refused in one line before DIR is made, if the server says no
         store.join(sweep_id, sweep)
@@ -82,21 +131,23 @@ class LocalSweep:
 
     def __init__(self, *, store: Store, sweep_id: str, sweep: dict, root: Path, gpus: list[str | None],
                  count: int | None, retry_crashed: bool, max_consecutive_failures: int, grace: float,
-                 view: SweepView, warm: bool, resumes: bool, on_trial_end: Callable[[Path], Path] | None = None):
+                 view: SweepView, warm: bool, resumes: bool, on_trial_end: Callable[[Path], Path] | None = None,
+                 resume_command: str = "the same command"):
         self.store, self.sweep_id, self.sweep, self.root = store, sweep_id, sweep, root.resolve()
         self.engine = engine_config(sweep)
         self.metric = sweep_metric(sweep)[0]
-        caps = [c for c in (count, sweep.get("run_cap")) if c]
-        self.limit = min(caps) if caps else (None if sweep["method"] == "grid" else 1 << 62)
+        self.limit = trial_limit(sweep, count)
         self.gpus = gpus  # per worker slot: the GPU it pins (CUDA_VISIBLE_DEVICES) or None
         self.slot_trials: list[str | None] = [None] * len(gpus)  # per worker slot: its running trial
         self.retry_crashed, self.max_failures, self.grace = retry_crashed, max_consecutive_failures, grace
         self.view, self.warm, self.resumes, self.on_trial_end = view, warm, resumes, on_trial_end
+        self.resume_command = resume_command  # what every message that promises a resume prints
         self.workers: list[WarmWorker | None] = [None] * len(gpus)
         self.last_report: Path | None = None
         self.controller = generate_id(12)
         self.procs: dict[str, Running] = {}
         self.signals_received = self.signals_handled = 0  # SIGINT/SIGTERM: the handler counts, the loop acts
+        self.interrupted_by: str | None = None  # the first of them, as a user says it
         self.to_retry: list[str] = []
         self.earlier_logs: dict[str, Path | None] = {}
         self.exhausted = self.stopping = self.interrupted = False
@@ -134,6 +185,8 @@ class LocalSweep:
                     select.select([r.exited for r in self.procs.values()], [], [], POLL_SECONDS)
                 trials = self.store.trials()
                 self.view.update(trials)
+            if paused := sum(t.state == "paused" for t in trials):
+                self.view.event(f"{paused} trial(s) paused; resume: {self.resume_command}")
             if self.on_trial_end is not None:  # the last line: where to look
                 self.view.event(f"report: {self.last_report or self.on_trial_end(self.root)}")
         finally:
@@ -152,12 +205,13 @@ class LocalSweep:
 
     def _on_signal(self, signum, frame):
         self.signals_received += 1
+        self.interrupted_by = self.interrupted_by or ("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
 
     def reap(self) -> list[str]:
         """The live trials of controllers that died, here or on another box, marked crashed."""
         reaped = self.store.reap_dead_controllers()
         for trial_id in reaped:
-            retrying = "; retrying it" if self.retry_crashed else ""
+            retrying = "; retrying it" if self.retry_crashed else f"; resume it: {self.resume_command} --retry-crashed"
             self.view.event(f"{trial_id} crashed: its controller died{retrying}")
         return reaped
 
@@ -171,8 +225,8 @@ class LocalSweep:
         self.stopping = self.interrupted = True
         if first:
             saving = "they save their state" if self.resumes else "they are stopped"
-            self.view.event(f"interrupted: pausing running trials ({saving}; the same command resumes them); "
-                            "interrupt again to kill them")
+            self.view.event(f"interrupted: pausing running trials ({saving}); interrupt again to kill them; "
+                            f"resume: {self.resume_command}")
         else:
             self.view.event("interrupted again: killing running trials" +
                             (" (they resume from their last full epoch)" if self.resumes else ""))
@@ -265,6 +319,7 @@ class LocalSweep:
         env = dict({"WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0.5", "WANDB_DATA_DIR": str(self.root / "wandb-data")},
                    **os.environ)
         env.update(WANDB_MODE="offline", WANDB_DIR=str(self.root))
+        env = this_python_first(env)
         if self.sweep.get("project"):
             env["WANDB_PROJECT"] = self.sweep["project"]
         if len(self.gpus) > 1 and "OMP_NUM_THREADS" not in env:
@@ -293,7 +348,7 @@ class LocalSweep:
                 worker.stop()
                 self.workers[i] = None
                 why = own_error(logs[i].read_text(errors="replace")) if logs[i].exists() else "no output"
-                if broken := environment_error(why):
+                if broken := environment_error(why, self.slot_env(i)):
                     raise UsageError(f"the sweep's program cannot start here: {broken} (from {logs[i]})")
                 self.view.event(f"slot {i}: no warm worker ({why}; {logs[i]}); its trials start cold")
 
@@ -329,6 +384,8 @@ class LocalSweep:
         summary = running.reader.summary if running.reader is not None else {}
         state, reason = outcome(code, trial.stop_requested is not None, running.paused, summary, self.metric,
                                 trial.metric, trial.history, output)
+        if state == "paused":
+            reason = f"paused by {self.interrupted_by}; resume: {self.resume_command}"
         self.store.update(trial.id, state=state, reason=reason, exit_code=code, ended=time.time())
         self.view.event(f"{trial.id} {state}" + (f": {reason}" if reason else ""))
         if self.on_trial_end is not None:
@@ -342,7 +399,7 @@ class LocalSweep:
         self.consecutive_failures += 1
         if self.stopping:
             return
-        if broken := environment_error(reason):  # the next trials would fail the same way
+        if broken := environment_error(reason, self.slot_env(0)):  # the next trials would fail the same way
             self.stopping = True
             self.failure_message = f"stopping: the sweep's program cannot run here: {trial_id}: {broken}"
         elif self.consecutive_failures >= self.max_failures:

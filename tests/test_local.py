@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from agent.errors import UsageError
+from agent.install import matching_pair_command
 from agent.local import trial_command
 from agent.store import open_store
 from tests.conftest import HYPERBAND
@@ -130,6 +131,39 @@ def test_two_controllers_on_one_dir_share_the_count_without_duplicates(foreign_s
 
 
 @pytest.mark.slow
+def test_the_same_yaml_again_resumes_its_sweep_says_when_it_is_finished_and_new_starts_another(foreign_sweep,
+                                                                                               tmp_path):
+    assert local(foreign_sweep, "--count", "2").returncode == 0
+    [first] = (tmp_path / "sweeps-local").iterdir()
+    renamed = tmp_path / "same.yaml"  # the same settings under another name and layout: the same sweep
+    renamed.write_text("# a copy\n" + yaml.safe_dump(yaml.safe_load(foreign_sweep.read_text()), indent=4))
+    done = local(renamed, "--count", "2")
+    assert done.returncode == 0 and done.stdout.splitlines() == [
+        f"sweep {first.name} of this YAML (sweeps-local/{first.name}) is finished: 2 finished of 2; for more trials, "
+        f"raise --count (the total across runs), or start another sweep of it: python -m agent local {renamed} "
+        "--count 2 --new"]
+    more = local(renamed, "--count", "3")
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert more.stdout.startswith(f"resuming sweep {first.name} (sweeps-local/{first.name}): 2 finished of 3; "
+                                  "--new starts another")
+    assert [t["state"] for t in status(first)] == ["finished"] * 3
+    assert local(renamed, "--count", "1", "--new").returncode == 0
+    assert len(list((tmp_path / "sweeps-local").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_a_trial_runs_under_this_python_whatever_python_comes_first_on_path(foreign_sweep, tmp_path):
+    other = tmp_path / "bin" / "python"  # an environment that is not activated: another `python` first on PATH
+    other.parent.mkdir()
+    other.write_text("#!/bin/sh\necho 'the wrong python' >&2\nexit 3\n")
+    other.chmod(0o755)
+    out = local(foreign_sweep, "--count", "1", "--dir", "D",
+                env={**os.environ, "PATH": f"{other.parent}{os.pathsep}{os.environ['PATH']}"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [t["state"] for t in status(tmp_path / "D")] == ["finished"]
+
+
+@pytest.mark.slow
 def test_gpus_pin_one_trial_per_listed_gpu(foreign_sweep, tmp_path):
     out = local(foreign_sweep, "--count", "2", "--gpus", "0,1", "--dir", "D")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -182,8 +216,9 @@ def test_ctrl_c_pauses_the_trials_and_kills_one_that_ignores_its_notice_after_gr
     assert controller.returncode == 130, out
     assert "interrupted: pausing running trials" in out
     trials = {t.config["mode"]: t for t in open_store(tmp_path / "D").trials()}
-    paused = ("paused", "paused by Ctrl-C; the same command resumes it")
-    assert {(t.state, t.reason) for t in trials.values()} == {paused}
+    resume = f"python -m agent local {tmp_path / 'sweep.yaml'} --workers 2 --dir D --grace 1"
+    assert {(t.state, t.reason) for t in trials.values()} == {("paused", f"paused by Ctrl-C; resume: {resume}")}
+    assert f"2 trial(s) paused; resume: {resume}" in out
     obedient, stubborn = trials["obedient"], trials["stubborn"]
     assert obedient.exit_code == 0 and (marks / f"{obedient.id}.sigterm").exists()  # not ours: a stop is its notice
     assert stubborn.exit_code == -signal.SIGKILL
@@ -221,6 +256,8 @@ def test_hyperband_stops_bad_trials_of_our_program_and_each_keeps_its_best_model
         [run_dir] = (hyperband_sweep.dir / "wandb").glob(f"offline-run-*-{trial_id}")
         *_, final = [r["artifact"] for r in leet_records(run_dir) if r["type"] == "artifact"]
         assert "best" in final["aliases"] and final["type"] == "model" and "test_acc" in final["metadata"]
+        log = (hyperband_sweep.dir / "logs" / f"{trial_id}.log").read_text()
+        assert "litlogger" not in log and "Ignoring project" not in log  # other tools' noise, left out
 
 
 OURS_SWEEP = {"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"},
@@ -233,35 +270,39 @@ OURS_SWEEP = {"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"
 @pytest.mark.slow
 def test_ctrl_c_pauses_our_trials_and_the_same_command_resumes_them_first(tmp_path):
     write_yaml(tmp_path / "ours.yaml", OURS_SWEEP)
-    command, env = agent_command("local", "ours.yaml", "--dir", "D"), fresh_env(tmp_path)
+    command, env = agent_command("local", "ours.yaml"), fresh_env(tmp_path)
     controller = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True)
 
     def running_trial() -> str | None:
         try:
-            return next((t.id for t in open_store(tmp_path / "D").trials()
-                         if t.state == "running"), None)
-        except UsageError:  # no sweep.db yet
+            [directory] = (tmp_path / "sweeps-local").iterdir()
+            return next((t.id for t in open_store(directory).trials() if t.state == "running"), None)
+        except (ValueError, FileNotFoundError, UsageError):  # no sweep folder, or no sweep.db in it, yet
             return None
 
     first = wait_for(running_trial, "the first trial", timeout=300, proc=controller)
-    wait_for(validated(tmp_path / "D", first, 0), f"{first}'s first validation", proc=controller)
+    [directory] = (tmp_path / "sweeps-local").iterdir()
+    wait_for(validated(directory, first, 0), f"{first}'s first validation", proc=controller)
     controller.send_signal(signal.SIGINT)
     out = controller.communicate(timeout=120)[0]
     assert controller.returncode == 130, out
-    [paused] = open_store(tmp_path / "D").trials()
+    [paused] = open_store(directory).trials()
     assert (paused.id, paused.state, paused.exit_code) == (first, "paused", 128 + signal.SIGUSR1)
+    assert paused.reason == "paused by Ctrl-C; resume: python -m agent local ours.yaml"
+    assert out.splitlines()[-1] == "1 trial(s) paused; resume: python -m agent local ours.yaml"
 
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.startswith(f"resuming sweep {directory.name} (sweeps-local/{directory.name}): 1 paused")
     assert "resuming 1 paused trial(s) first" in again.stdout
-    trials = open_store(tmp_path / "D").trials()
+    trials = open_store(directory).trials()
     assert [(t.id == first, t.state) for t in trials] == [(True, "finished"), (False, "finished")]
     assert len(trials[0].history) == 3  # one val_acc per epoch, across both attempts
 
     # The pause lands in epoch 0 or, when the test sees epoch 0 late, after epoch 1: either way the resume
     # continues from its saved state and repeats no epoch.
-    earlier, resumed = run_dirs(tmp_path / "D", first)
+    earlier, resumed = run_dirs(directory, first)
     assert validated_epochs(leet_records(earlier)) + validated_epochs(leet_records(resumed)) == [0, 1, 2]
 
 
@@ -277,6 +318,6 @@ def test_an_install_every_trial_would_trip_on_is_one_line_before_the_first_trial
     assert out.returncode == 2, out.stdout + out.stderr
     [line] = out.stderr.splitlines()
     assert line.startswith("agent local: the sweep's program cannot start here: RuntimeError: operator "
-                           "torchvision::nms does not exist (torch and torchvision do not match; fix: pip install "
-                           "--upgrade torch torchvision)"), line
+                           "torchvision::nms does not exist (torch and torchvision do not match; fix: "
+                           f"{matching_pair_command()})"), line
     assert open_store(tmp_path / "D").trials() == []
