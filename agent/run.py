@@ -89,7 +89,8 @@ def prepare_data(config: TrainConfig, in_sweep: bool = False) -> None:
     """The config's inputs in place, or one line saying what is missing or wrong and what fixes it (as flags,
     or as the sweep's parameters when the config comes from a sweep): CIFAR fetched once per box, an image
     folder checked and decoded once per box, pretrained weights downloaded once per box, a pretrained_path
-    that exists. Before any run exists; without torch, but for pretrained weights."""
+    that holds the network's weights (the network made once to compare). Before any run exists; without
+    torch, but for pretrained weights."""
     from cifar_core.fetch import ARCHIVES, DatasetError, fetch
 
     if config.pretrained_path and not Path(config.pretrained_path).expanduser().is_file():
@@ -102,7 +103,11 @@ def prepare_data(config: TrainConfig, in_sweep: bool = False) -> None:
             from cifar_core.folder import load_folder
 
             load_folder(config.data_dir, config.resolution, config.cache_dir)
-        if config.pretrained and not config.pretrained_path:
+        if config.pretrained_path:
+            from cifar_core.model import check_pretrained
+
+            check_pretrained(config.model, config.pretrained_path)
+        elif config.pretrained:
             from cifar_core.model import TIMM, create_model, in_hub_cache
 
             if not in_hub_cache(config.model.removeprefix(TIMM)):  # downloaded once, under the lock
@@ -129,20 +134,22 @@ def prepare_sweep(sweep: dict) -> None:
 def run(argv: list[str]) -> dict:
     """Trains; raises RunEndedEarly when a preemption or Ctrl-C must set a non-zero exit code."""
     config = make_config(parse_flags(argv))  # fail before any run exists
+    in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
     with StopRequests() as requests:  # from here on a stop is never lost, even during imports and wandb.init
-        prepare_data(config, in_sweep=bool(os.environ.get("WANDB_SWEEP_ID")))
+        prepare_data(config, in_sweep)
         import wandb
 
         started_init = seconds_since_process_start()
         # resume="allow": a requeued (preempted) sweep run comes back under its own id and continues.
         # stop_fn: W&B's stop reaches the run as a request, not as a KeyboardInterrupt mid-step.
-        run = wandb.init(project=config.project, config=config.model_dump(),
+        # Under a sweep the project is the sweep's: naming one only makes wandb print that it ignores it.
+        run = wandb.init(project=None if in_sweep else config.project, config=config.model_dump(),
                          job_type="train", resume="allow", settings=wandb.Settings(stop_fn=requests.wandb_stop))
         initialized = seconds_since_process_start()
         try:
             # Under a sweep the run's config holds the sweep's values; validate what will train.
             config = make_config(dict(run.config))
-            prepare_data(config, in_sweep=bool(os.environ.get("WANDB_SWEEP_ID")))
+            prepare_data(config, in_sweep)
         except UsageError:
             run.finish(exit_code=2)
             raise

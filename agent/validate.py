@@ -3,7 +3,9 @@
 Three checks: W&B's own schema (the `sweeps` engine's); what W&B's agent needs to start a trial
 (a command or a program, macros it knows, a metric for bayes and early_terminate); and, when the
 YAML runs our program, the TrainConfig: every parameter is a config field, every value or range
-endpoint one the config accepts, and `metric` matches the runs' `monitor`.
+endpoint one the config accepts, `metric` matches the runs' `monitor`, and the image folder of
+dataset imagefolder, where its data_dir is on this box, one the trials can train on as far as its
+file names tell (no image is decoded).
 
 Runs our program: the command W&B's agent starts (`command:`, else its default
 `${env} ${interpreter} ${program} ${args}`, `${program}` being `program:`) holds the items
@@ -186,6 +188,26 @@ def metric_problems(sweep: dict, parameters: dict) -> list[str]:
     return [f"metric.goal={goal!r}: {name} must be {expected_goal}d"] if goal != expected_goal else []
 
 
+def folder_problems(parameters: dict) -> list[str]:
+    """Each image folder the sweep names (relative to where it would run) that is on this box and that the trials'
+    scan refuses: a stat per file, its decoding left to the trials. One that is not here may be on the GPU boxes;
+    a data_dir left to the default, or to the command's flags, may be another one on theirs."""
+    from cifar_core.fetch import DatasetError
+    from cifar_core.folder import scan
+
+    dataset = parameters.get("dataset", {"value": TrainConfig.model_fields["dataset"].default})
+    if "imagefolder" not in candidate_values(dataset) or "data_dir" not in parameters:
+        return []
+    problems = []
+    for data_dir in candidate_values(parameters["data_dir"]):
+        if isinstance(data_dir, str) and Path(data_dir).is_dir():
+            try:
+                scan(Path(data_dir).absolute())
+            except DatasetError as e:
+                problems.append(f"parameters.data_dir: {e.in_sweep()}")
+    return problems
+
+
 def sweep_problems(sweep: dict) -> list[str]:
     """A line per problem W&B or our program would hit; [] for a sweep that can run."""
     # The sweeps engine's check raises on parameters that are not mappings: it gets them as mappings.
@@ -212,7 +234,7 @@ def sweep_problems(sweep: dict) -> list[str]:
                      if "value" in spec and name in TrainConfig.model_fields}
         for name, spec in parameters.items():
             problems += parameter_problems(name, spec, constants)
-        problems += metric_problems(sweep, parameters)
+        problems += metric_problems(sweep, parameters) + folder_problems(parameters)
     return problems
 
 

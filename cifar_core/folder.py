@@ -16,8 +16,9 @@ process builds it under box_lock(CACHE_DIR), in a temporary folder renamed into 
 for it, then map it.
 
 Bad data, decided for the user who wants the run to mean something:
-- refused, one line naming the folder: no train/, no class folders, a class folder with no images,
-  val/ or test/ with other classes than train/, a class none of whose images decode;
+- refused, one line naming the folder: no train/, no class folders, one class folder in train/ (nothing
+  to tell apart), a class folder with no images, val/ or test/ with other classes than train/, a class
+  none of whose images decode;
 - skipped and counted (the run's summary says how many, index.json names them): image files that do
   not decode (corrupt, truncated);
 - ignored and counted: files that are not images (README, .DS_Store, Thumbs.db) and files outside a
@@ -77,6 +78,9 @@ def scan(root: Path) -> tuple[dict[str, list[tuple[str, int, str]]], tuple[str, 
         names = tuple(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
         if not names:
             raise DatasetError(f"{folder}: no class folders; expected {split}/<class>/<image>")
+        if classes is None and len(names) < 2:
+            raise DatasetError(f"{folder}: one class folder ({names[0]}); a classifier needs 2 or more: expected "
+                               f"{split}/<class>/<image>, a folder per class")
         if classes is None:
             classes = names
         elif names != classes:

@@ -18,6 +18,8 @@ from cifar_core.fetch import DatasetError, box_lock
 class SeedCNN(nn.Module):
     """The seed tutorial's CNN: convs 32-32-64-64 (3x3, no padding), two max-pools, fc 512-128-10."""
 
+    FIELDS = ("dropout",)  # the TrainConfig fields it reads (network_fields)
+
     def __init__(self, num_classes: int = 10, dropout: float = 0.0, image_size: int = 32):
         super().__init__()
         side = ((image_size - 4) // 2 - 4) // 2
@@ -56,6 +58,8 @@ class ResNet9(nn.Module):
     """The DAWNBench ResNet-9 (Page, 2018) behind cifar10-airbench: prep, three pooled stages
     (two with a residual pair), max-pool, a linear head scaled by 1/8. `width` 64 is the
     original (GPU); narrower trades accuracy per epoch for speed on a CPU."""
+
+    FIELDS = ("width", "dropout")
 
     def __init__(self, num_classes: int = 10, width: int = 64, dropout: float = 0.0):
         super().__init__()
@@ -107,6 +111,9 @@ class AirNet(nn.Module):
     (width, width * width_mult, width * width_mult), a global max-pool and a linear head scaled by
     1/9. The record's: width 64, width_mult 4, GELU; a CPU wants width 16 and ReLU."""
 
+    # whiten and whiten_bias_epochs: read by system.py, which sets and trains the whitening layer
+    FIELDS = ("width", "width_mult", "activation", "bn_momentum", "whiten", "whiten_bias_epochs")
+
     def __init__(self, num_classes: int = 10, width: int = 64, width_mult: int = 4, activation: str = "gelu",
                  bn_momentum: float = 0.4):
         super().__init__()
@@ -144,13 +151,18 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
     conv.weight.requires_grad = False
 
 
+SCRATCH = "none (trained from scratch)"
+
+
 class Network(nn.Module):
     """A network and its input contract: uint8 images (0-255) or floats in [0, 1], N x 3 x H x W, normalised
-    here with the mean and std its weights were trained with (buffers: they travel with the weights)."""
+    here with the mean and std its weights were trained with (buffers: they travel with the weights).
+    `weights`: what its weights started from (`file PATH`, `hub ID`, or SCRATCH), for the run's record."""
 
-    def __init__(self, body: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, body: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], weights: str = SCRATCH):
         super().__init__()
         self.body = body
+        self.weights = weights  # a plain attribute: a checkpoint's state dict holds its weights, not their origin
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
@@ -168,9 +180,17 @@ class Network(nn.Module):
         return self.body.get_classifier() if hasattr(self.body, "get_classifier") else self.body.head
 
 
-MODELS = ("seed_cnn", "resnet9", "airnet")
+OURS = {"seed_cnn": SeedCNN, "resnet9": ResNet9, "airnet": AirNet}
+MODELS = tuple(OURS)
 TIMM = "timm/"
+TIMM_FIELDS = ("pretrained", "pretrained_path", "drop_path_rate", "dropout")  # dropout: timm's drop_rate
+NETWORK_FIELDS = frozenset(TIMM_FIELDS).union(*(network.FIELDS for network in OURS.values()))
 SEED_MEAN, SEED_STD = (0.5,) * 3, (0.5,) * 3  # the seed's Normalize((0.5,)*3, (0.5,)*3)
+
+
+def network_fields(model: str) -> set[str]:
+    """The TrainConfig fields network `model` reads: those of NETWORK_FIELDS it lacks do not apply to it."""
+    return set(TIMM_FIELDS if model.startswith(TIMM) else OURS[model].FIELDS)
 
 
 def timm_models() -> list[str]:
@@ -200,8 +220,9 @@ def create_model(model: str, num_classes: int = 10, dropout: float = 0.0, width:
                  ) -> Network:
     """The network named `model`. Its arguments but `pretrained*` are what a checkpoint stores to rebuild it
     (its weights then come from the checkpoint). timm's: pretrained weights from timm's hub cache, or from
-    `pretrained_path` (a safetensors or state-dict file, loaded by timm with weights_only), with the
-    classifier made anew for `num_classes`; normalised with the weights' own mean and std."""
+    `pretrained_path` (a safetensors or state-dict file, loaded by timm with weights_only; refused unless it
+    holds the network's weights, all but the classifier's), with the classifier made anew for `num_classes`;
+    normalised with the weights' own mean and std."""
     if model == "seed_cnn":
         return Network(SeedCNN(num_classes, dropout, image_size), SEED_MEAN, SEED_STD)
     if model == "resnet9":
@@ -214,14 +235,17 @@ def create_model(model: str, num_classes: int = 10, dropout: float = 0.0, width:
 
     name, options = model[len(TIMM):], {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
     if not (pretrained or pretrained_path):
-        body = timm.create_model(name, num_classes=num_classes, drop_rate=dropout, **options)
+        body, weights = timm.create_model(name, num_classes=num_classes, drop_rate=dropout, **options), SCRATCH
     elif pretrained_path:
+        file = Path(pretrained_path).expanduser().absolute()
         try:
-            body = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(pretrained_path)},
+            body = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(file)},
                                      num_classes=num_classes, drop_rate=dropout, **options)
-        except Exception as e:  # not a weights file, another architecture's, pickled code (weights_only)
-            raise DatasetError(f"pretrained_path={pretrained_path!r}: not weights {model} can load "
-                               f"({type(e).__name__}: {first_line(e)})") from None
+        except Exception as e:  # not a weights file, pickled code (weights_only), tensors of another shape
+            check_pretrained(model, pretrained_path)  # names the tensors of another shape, where that is why
+            raise cannot_load(model, pretrained_path, e) from None
+        check_pretrained(model, pretrained_path, body)
+        weights = f"file {file}"
     else:
         from huggingface_hub import constants
 
@@ -230,9 +254,61 @@ def create_model(model: str, num_classes: int = 10, dropout: float = 0.0, width:
         except Exception as e:  # no network and not in the cache, or no weights published for it
             raise DatasetError(f"model={model!r} with pretrained=true: no weights in the hub cache "
                                f"({constants.HF_HUB_CACHE}) and none downloaded ({type(e).__name__}: {first_line(e)})",
-                               "{0} (weights downloaded where there is network), or run it once on a box with "
-                               "network", (("pretrained_path", "FILE"),)) from None
-    return Network(body, tuple(body.pretrained_cfg["mean"]), tuple(body.pretrained_cfg["std"]))
+                               "{0} (weights downloaded where there is network), {1} (train from scratch), or run "
+                               "it once on a box with network", (("pretrained_path", "FILE"), ("pretrained", "false"))
+                               ) from None
+        hub_id = body.pretrained_cfg.get("hf_hub_id")
+        weights = f"hub {hub_id}" if hub_id else f"url {body.pretrained_cfg['url']}"  # where timm downloads from
+    return Network(body, tuple(body.pretrained_cfg["mean"]), tuple(body.pretrained_cfg["std"]), weights)
+
+
+def check_pretrained(model: str, path: str, body: nn.Module | None = None) -> None:
+    """Refuses the file `path` unless it holds the weights of timm's network `model` (`body`, else one made here):
+    read by timm's own reader, as timm's load reads it (safetensors, or a torch state dict loaded weights_only)."""
+    import timm
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(str(Path(path).expanduser()))
+    except Exception as e:  # not a weights file, pickled code (weights_only)
+        raise cannot_load(model, path, e) from None
+    # timm loads a file with strict=False once it drops the classifier: another network's weights would load in
+    # part, silently, leaving the rest random. So every tensor but the classifier's must come from the file.
+    if mismatch := mismatched(body or timm.create_model(model[len(TIMM):]), state):
+        raise DatasetError(f"pretrained_path={path!r}: not weights of {model} (expected each of its tensors but the "
+                           f"classifier's, shaped alike, and no others): {mismatch}")
+
+
+STEP_COUNTER = ".num_batches_tracked"
+
+
+def mismatched(body: nn.Module, state: dict) -> str:
+    """What keeps `state` from holding every tensor of timm's network `body` but its classifier's, with its shape,
+    and nothing else but the classifier's: counts and a few names; '' when nothing does."""
+    classifier = body.pretrained_cfg.get("classifier") or ()
+    head = {f"{layer}.{kind}" for layer in ((classifier,) if isinstance(classifier, str) else classifier)
+            for kind in ("weight", "bias")}  # what timm's load_pretrained drops to make the classifier anew
+    shapes = {key: value.shape for key, value in body.state_dict().items() if key not in head}
+    missing = [key for key in shapes if key not in state]
+    if all(key.endswith(STEP_COUNTER) for key in missing):
+        missing = []  # older files lack batch norm's step counters, not a weight: torch's load fills them in
+    # older files hold buffers the network computes (swin's relative_position_index): timm's filters drop them
+    buffers = {key for key, _ in body.named_buffers()}
+    unexpected = [key for key in state if key not in shapes and key not in head and key not in buffers]
+    reshaped = [key for key in shapes if key in state and getattr(state[key], "shape", None) != shapes[key]]
+    return "; ".join(f"{len(keys)} {what} ({', '.join(few(keys))}{', ...' if len(keys) > 3 else ''})"
+                     for what, keys in ((f"of its {len(shapes)} missing", missing), ("unexpected", unexpected),
+                                        ("of another shape", reshaped)) if keys)
+
+
+def few(keys: list[str]) -> list[str]:
+    """Three of `keys` to name, weights before step counters (a safetensors file lists int64 tensors first)."""
+    return sorted(keys, key=lambda key: key.endswith(STEP_COUNTER))[:3]
+
+
+def cannot_load(model: str, path: str, error: Exception) -> DatasetError:
+    return DatasetError(f"pretrained_path={path!r}: not weights {model} can load ({type(error).__name__}: "
+                        f"{first_line(error)})")
 
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm loads a hub model's weights from

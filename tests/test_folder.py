@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,9 +18,9 @@ from agent.best import best
 from agent.store import open_store
 from cifar_core.data import ImageDataModule
 from cifar_core.fetch import DatasetError
-from cifar_core.folder import load_folder, stored_size
+from cifar_core.folder import load_folder, scan, stored_size
 from tests.conftest import FOLDER_CLASSES, write_cifar100, write_image_folder
-from tests.helpers import REPO, agent_command, fresh_env, python, wait_for, waits_on_lock
+from tests.helpers import REPO, agent_command, fresh_env, leet_summary, python, wait_for, waits_on_lock
 
 
 def folder_data(data_dir: Path, cache: Path, **kwargs) -> ImageDataModule:
@@ -84,6 +85,51 @@ def test_no_class_folders_is_refused(tmp_path):
     (tmp_path / "flat" / "train" / "a.jpg").write_bytes(b"")
     with pytest.raises(DatasetError, match="flat/train: no class folders; expected train/<class>/<image>"):
         load_folder(tmp_path / "flat", 32, tmp_path / "cache")
+
+
+def flat_val(root: Path) -> None:
+    shutil.rmtree(root / "val")
+    (root / "val").mkdir()
+    shutil.copy(root / "train" / "cat" / "000.jpg", root / "val")  # images, but not in class folders
+
+
+# What a scan refuses, never decoding an image: what `agent validate` and `agent local` check before any trial.
+UNTRAINABLE = {
+    "one class": (lambda root: [shutil.rmtree(p) for p in root.glob("*/[!c]*")],
+                  "pets/train: one class folder (cat); a classifier needs 2 or more: expected train/<class>/<image>, "
+                  "a folder per class"),
+    "a class of non-images": (lambda root: [p.rename(f"{p}.txt") for p in (root / "train" / "dog").iterdir()],
+                              "pets/train/dog: no images; expected files ending in .jpg, "),
+    "val's classes empty": (lambda root: [p.unlink() for p in (root / "val").glob("*/*")],
+                            "pets/val/cat: no images; expected files ending in .jpg, "),
+    "no class folders in val": (flat_val, "pets/val: no class folders; expected val/<class>/<image>"),
+}
+
+
+@pytest.mark.parametrize("case", UNTRAINABLE)
+def test_a_scan_refuses_a_folder_that_cannot_train_a_classifier(tmp_path, case):
+    damage, expected = UNTRAINABLE[case]
+    root = write_image_folder(tmp_path / "pets", {"train": 2, "val": 1})
+    damage(root)
+    with pytest.raises(DatasetError) as e:
+        scan(root)
+    assert str(e.value).startswith(f"{tmp_path}/{expected}") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case", UNTRAINABLE)
+def test_agent_local_refuses_such_a_folder_in_one_line_before_any_trial(tmp_path, case):
+    damage, expected = UNTRAINABLE[case]
+    damage(write_image_folder(tmp_path / "pets", {"train": 2, "val": 1}))
+    sweep = {"method": "grid", "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"],
+             "parameters": {"dataset": {"value": "imagefolder"}, "data_dir": {"value": "pets"},  # where it runs
+                            "cache_dir": {"value": "cache"}, "lr": {"values": [0.1, 0.01, 0.001, 0.0001]}}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    out = subprocess.run(agent_command("local", "sweep.yaml"), cwd=tmp_path, env=fresh_env(tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout) == (2, ""), out.stdout + out.stderr
+    assert out.stderr.startswith(f"agent local: sweep.yaml: parameters.data_dir: {tmp_path}/{expected}")
+    assert out.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pets", "sweep.yaml"]  # no sweep, trial log, run or cache
 
 
 def test_the_cache_is_read_again_and_rebuilt_once_a_file_changes(tmp_path):
@@ -177,6 +223,10 @@ def test_a_finetune_sweep_on_a_folder_reports_picks_evaluates_and_exports_with_i
     trials = open_store(tmp_path / "D").trials()
     assert [t.state for t in trials] == ["finished", "finished"], [(t.state, t.reason) for t in trials]
     assert len(list((tmp_path / "cache").glob("imagefolder-*"))) == 1  # decoded once, before the first trial
+    for t in trials:  # which weights each trial started from, in its summary and its log
+        [run_dir] = (tmp_path / "D" / "wandb").glob(f"offline-run-*-{t.id}")
+        assert leet_summary(run_dir)["summary"]["model/weights"] == f"file {weights}"
+        assert f"timm/test_resnet: weights from file {weights}" in (tmp_path / "D" / "logs" / f"{t.id}.log").read_text()
     page = (tmp_path / "D" / "report.html").read_text()
     captions = re.findall(r"<figcaption>Pred: (\w+), Label: (\w+)</figcaption>", page)
     assert len(captions) == 9 and {label for _, label in captions} == set(FOLDER_CLASSES)
@@ -184,6 +234,9 @@ def test_a_finetune_sweep_on_a_folder_reports_picks_evaluates_and_exports_with_i
     assert best(str(tmp_path / "D"), evaluate=True, export=str(tmp_path / "pets.pt2")) == 0
     printed = capsys.readouterr().out
     assert "on 9 images, imagefolder val (no test/ folder) split of" in printed
+    [command] = [line for line in printed.splitlines() if line.startswith("config: ")]
+    assert "--drop_path_rate=" in command and not {"--width=", "--whiten=", "--bn_momentum="} & set(
+        flag.partition("=")[0] + "=" for flag in command.split())  # airnet's fields: not a timm network's
     assert [line.split()[0] for line in printed.splitlines() if line.split()[:1] and line.split()[0] in
             FOLDER_CLASSES] == list(FOLDER_CLASSES)
     extra = {"class_names.json": "", "input.json": ""}

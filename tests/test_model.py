@@ -1,18 +1,21 @@
 import os
 import socket
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import timm
 import torch
+import yaml
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import save_file
 
 from cifar_core.config import TrainConfig
 from cifar_core.fetch import DatasetError
-from cifar_core.model import create_model
+from cifar_core.model import NETWORK_FIELDS, SCRATCH, create_model, network_fields
 from cifar_core.train import build_system
+from tests.helpers import agent_command, fresh_env
 
 
 @pytest.mark.parametrize("name, kwargs", [("seed_cnn", {}), ("resnet9", {"width": 8}), ("seed_cnn", {"image_size": 64}),
@@ -113,8 +116,9 @@ def test_pretrained_weights_come_from_the_hub_cache_with_no_network_and_its_abse
     with pytest.raises(DatasetError) as e:
         create_model("timm/test_efficientnet", num_classes=3, pretrained=True)
     assert str(e.value).startswith("model='timm/test_efficientnet' with pretrained=true: no weights in the hub cache")
-    assert str(e.value).endswith("fix: --pretrained_path=FILE (weights downloaded where there is network), or run it "
-                                 "once on a box with network")
+    assert str(e.value).endswith("fix: --pretrained_path=FILE (weights downloaded where there is network), "
+                                 "--pretrained=false (train from scratch), or run it once on a box with network")
+    assert "`pretrained: {value: false}` in the sweep's parameters (train from scratch)" in e.value.in_sweep()
     repo = tmp_path / "hub" / "models--timm--test_efficientnet.r160_in1k"  # as a download elsewhere leaves it
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
@@ -122,3 +126,74 @@ def test_pretrained_weights_come_from_the_hub_cache_with_no_network_and_its_abse
     weights = pretrained_weights(repo / "snapshots" / ("0" * 40) / "model.safetensors")
     net = create_model("timm/test_efficientnet", num_classes=3, pretrained=True)
     assert torch.equal(net.body.state_dict()["conv_stem.weight"], weights["conv_stem.weight"])
+    assert net.weights == "hub timm/test_efficientnet.r160_in1k"
+
+
+def test_a_network_records_the_weights_it_started_from_outside_its_state_dict(tmp_path):
+    for net in create_model("resnet9", width=4), create_model("timm/test_resnet"):
+        assert net.weights == SCRATCH == "none (trained from scratch)"
+    pretrained_weights(tmp_path / "w.pth")
+    net = create_model("timm/test_efficientnet", num_classes=3, pretrained_path=str(tmp_path / "w.pth"))
+    assert net.weights == f"file {tmp_path / 'w.pth'}" and "weights" not in net.state_dict()
+
+
+@pytest.mark.parametrize("network, stem, older", [
+    ("test_efficientnet", "conv_stem.weight",  # no batch norm step counters: torch's load fills them in
+     lambda net: {k: v for k, v in net.state_dict().items() if not k.endswith(".num_batches_tracked")}),
+    ("test_coatnet", "stem.conv1.weight",  # buffers the network computes itself: timm's filters drop them
+     lambda net: {**net.state_dict(), **dict(net.named_buffers())}),
+])
+def test_a_networks_own_weights_load_from_the_files_of_older_versions_too(tmp_path, network, stem, older):
+    torch.manual_seed(0)
+    weights = older(timm.create_model(network))
+    save_file(weights, tmp_path / "w.safetensors")
+    net = create_model(f"timm/{network}", num_classes=3, pretrained_path=str(tmp_path / "w.safetensors"))
+    assert torch.equal(net.body.state_dict()[stem], weights[stem])
+
+
+def save_weights(path: Path, network: str, leave_out: tuple[str, ...] = ()) -> Path:
+    torch.manual_seed(0)
+    save_file({k: v for k, v in timm.create_model(network).state_dict().items() if not k.startswith(leave_out)}, path)
+    return path
+
+
+@pytest.mark.parametrize("model, network, leave_out, expected", [
+    ("timm/test_resnet", "test_resnet", ("layer4.",),
+     "18 of its 90 missing (layer4.0.conv1.weight, layer4.0.bn1.weight, layer4.0.bn1.bias, ...)"),
+    ("timm/test_vit", "test_vit2", (), "3 of its 78 missing (cls_token, norm.weight, norm.bias); 43 unexpected "
+                                       "(blocks.0.ls1.gamma, blocks.0.ls2.gamma, blocks.1.ls1.gamma, ...)"),
+    ("timm/test_convnext3", "test_convnext2", (),
+     "3 of another shape (stages.1.blocks.0.conv_dw.weight, stages.2.blocks.0.conv_dw.weight, "
+     "stages.3.blocks.0.conv_dw.weight)"),
+])
+def test_weights_of_another_network_are_refused_saying_what_differs(tmp_path, model, network, leave_out, expected):
+    # timm alone loads the first two in part (strict=False once it drops the classifier), the rest left random
+    path = save_weights(tmp_path / "w.safetensors", network, leave_out)
+    with pytest.raises(DatasetError) as e:
+        create_model(model, num_classes=3, pretrained_path=str(path))
+    assert str(e.value) == (f"pretrained_path='{path}': not weights of {model} (expected each of its tensors but the "
+                            f"classifier's, shaped alike, and no others): {expected}")
+
+
+def test_agent_local_refuses_weights_of_another_network_before_any_trial(tmp_path):
+    save_weights(tmp_path / "vit2.safetensors", "test_vit2")
+    sweep = {"method": "grid", "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"],
+             "parameters": {"dataset": {"value": "synthetic"}, "model": {"value": "timm/test_vit"},
+                            "pretrained_path": {"value": "vit2.safetensors"}, "lr": {"values": [0.1, 0.01]}}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    out = subprocess.run(agent_command("local", "sweep.yaml"), cwd=tmp_path, env=fresh_env(tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == "", out.stdout + out.stderr
+    assert out.stderr.startswith("agent local: pretrained_path='vit2.safetensors': not weights of timm/test_vit (")
+    assert out.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml", "vit2.safetensors"]  # no sweep, no trial
+
+
+def test_network_fields_name_what_each_network_reads():
+    assert network_fields("seed_cnn") == {"dropout"} and network_fields("resnet9") == {"width", "dropout"}
+    assert network_fields("airnet") == {"width", "width_mult", "activation", "bn_momentum", "whiten",
+                                        "whiten_bias_epochs"}
+    assert network_fields("timm/resnet18") == {"pretrained", "pretrained_path", "drop_path_rate", "dropout"}
+    assert NETWORK_FIELDS <= set(TrainConfig.model_fields) and NETWORK_FIELDS - network_fields("resnet9") == {
+        "width_mult", "activation", "bn_momentum", "whiten", "whiten_bias_epochs", "pretrained", "pretrained_path",
+        "drop_path_rate"}

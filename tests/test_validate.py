@@ -1,11 +1,15 @@
 """`agent validate` in process: each wrong sweep YAML gets its line, each runnable form of ours its config checks."""
 
+import re
+
 import pytest
 import yaml
 
 from agent.errors import UsageError
+from agent.launch import create
 from agent.run import make_config
 from agent.validate import validate
+from tests.conftest import write_image_folder
 from tests.helpers import REPO
 
 OURS = ["${env}", "${interpreter}", "-m", "agent", "run"]
@@ -138,3 +142,31 @@ def test_a_misspelt_key_gets_the_close_one_else_every_key():
         make_config({"batchsize": "64"})
     with pytest.raises(UsageError, match=r"^unknown key 'colour'; allowed: data_dir, dataset, .*, project$"):
         make_config({"colour": "red"})
+
+
+def folder_sweep(tmp_path, data_dir: str) -> str:
+    return write_sweep(tmp_path, method="random", parameters={
+        "dataset": {"value": "imagefolder"}, "data_dir": {"value": data_dir},
+        "cache_dir": {"value": str(tmp_path / "cache")}, "lr": {"values": [0.1, 0.01]}})
+
+
+def test_validate_and_create_scan_an_image_folder_on_this_box_relative_to_where_it_runs(tmp_path, capsys,
+                                                                                       monkeypatch):
+    write_image_folder(tmp_path / "pets", {"train": 1}, classes=("cat",))
+    monkeypatch.chdir(tmp_path)
+    expected = (f"parameters.data_dir: {tmp_path}/pets/train: one class folder (cat); a classifier needs 2 or more: "
+                "expected train/<class>/<image>, a folder per class")
+    assert validate([folder_sweep(tmp_path, "pets")]) == 1
+    assert capsys.readouterr().out == f"{tmp_path}/sweep.yaml: {expected}\n"
+    with pytest.raises(UsageError, match=re.escape(expected)):  # before any call to W&B
+        create(folder_sweep(tmp_path, "pets"), None, None)
+
+
+def test_validate_only_scans_and_says_nothing_of_a_folder_that_is_not_on_this_box(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "pets", {"train": 1})
+    for image in root.glob("train/*/*"):
+        image.write_bytes(b"not an image")  # the trials would refuse it, once they decode it
+    for data_dir in (str(root), str(tmp_path / "on-the-gpu-boxes")):
+        assert validate([folder_sweep(tmp_path, data_dir)]) == 0
+        assert capsys.readouterr().out.endswith("sweep.yaml: ok\n")
+    assert not (tmp_path / "cache").exists()  # nothing decoded
