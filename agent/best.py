@@ -41,6 +41,7 @@ from agent.wandb_errors import find_sweep, first_line, wandb_api, wandb_errors
 from cifar_core.checkpoints import BEST, checkpoint_dir, load_network
 from cifar_core.config import TrainConfig
 from cifar_core.evaluate import TTA
+from cifar_core.model import NETWORK_FIELDS, network_fields
 
 DONE = ("finished", "stopped")
 
@@ -89,8 +90,11 @@ def flag(key: str, value) -> str:
 
 
 def run_command(config: TrainConfig) -> str:
-    """Every field, so that the line trains the same config even if the defaults change."""
-    return "python -m agent run " + " ".join(flag(k, v) for k, v in config.model_dump().items() if v is not None)
+    """Every field that applies to the trial's network, so that the line trains the same config even if the defaults
+    change (width, say, is not a timm network's)."""
+    elsewhere = NETWORK_FIELDS - network_fields(config.model)
+    return "python -m agent run " + " ".join(flag(k, v) for k, v in config.model_dump().items()
+                                             if v is not None and k not in elsewhere)
 
 
 def known(values: dict) -> dict:

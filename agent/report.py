@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from agent.outcome import diverged
 from agent.plots import importance, importance_chart, learning_curves, metric_over_trials, parallel_coordinates
 from agent.runlog import RunLogReader, find_run_file
-from agent.status import console, summary_line, trial_table
+from agent.status import TrialTable, console, summary_line
 from agent.store import is_local_target, open_store
 from agent.trials import (STATE_COLORS, STATES, Trial, best_trial, is_number, ranked, short, state_counts,
                           sweep_metric, swept)
@@ -42,9 +42,13 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:
 h1{font-size:22px;margin-bottom:4px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
 .meta{color:#555}.note{color:#777;font-style:italic}code{background:#f3f3f3;padding:1px 4px}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums}th,td{padding:3px 10px;text-align:left}
-th{border-bottom:2px solid #ccc}tbody tr:nth-child(even){background:#f7f7f7}
+th{border-bottom:2px solid #ccc}tr{background:#fff}tbody tr:nth-child(even){background:#f7f7f7}
 tr.best{font-weight:bold}tr.failed,tr.crashed{background:#fde8e8!important}tr.stopped{background:#fff4d6!important}
 .state{font-weight:600}td.reason{color:#666;max-width:420px}
+.trials-box{overflow-x:auto}table.trials{border-collapse:separate;border-spacing:0}
+.trials .id,.trials .metric{position:sticky;background:inherit;white-space:nowrap}
+.trials .id{left:0;box-sizing:border-box;width:7em;min-width:7em}
+.trials .metric{left:7em;border-right:1px solid #ccc}
 img.plot{max-width:100%;display:block;margin:8px 0}
 .grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:96px;text-align:center;font-size:11px}
 figure img{width:96px;height:96px;image-rendering:pixelated;border:3px solid #2a9d4b}
@@ -94,19 +98,25 @@ def prediction_images(root: Path, trial_id: str) -> tuple[int, list[tuple[Path, 
 # the page
 
 def _trials_html(trials: list[Trial], metric: str, params: list[str], best: Trial | None, hosts: bool) -> str:
-    """The trial table; with `hosts` (a sweep that can span boxes: a PostgreSQL store), which box ran each."""
-    columns = ["id", "state", metric, "duration", *(["host"] if hosts else []), *params, "reason"]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    """The trial table; with `hosts` (a sweep that can span boxes: a PostgreSQL store), which box ran each.
+
+    Wider than the page, it scrolls in its own box with id and metric pinned at its left: they come first,
+    so the metric's offset is the id column's width, fixed in CSS (ids are 8 characters)."""
+    columns = ["state", "duration", *(["host"] if hosts else []), *params, "reason"]
+    head = f'<th class="id">id</th><th class="metric">{html.escape(metric)}</th>' + \
+        "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = []
     for t in trials:
-        cells = [html.escape(t.id), f'<span class="state s-{t.state}">{t.state}</span>',
-                 "" if t.metric is None else f"{t.metric:.4g}", _duration(t.duration),
+        cells = [f'<span class="state s-{t.state}">{t.state}</span>', _duration(t.duration),
                  *([html.escape(t.host or "")] if hosts else []),
                  *[html.escape(short(t.config.get(p, ""))) for p in params]]
         classes = t.state + (" best" if best is not None and t.id == best.id else "")
-        rows.append(f'<tr class="{classes}">' + "".join(f"<td>{c}</td>" for c in cells) +
+        rows.append(f'<tr class="{classes}"><td class="id">{html.escape(t.id)}</td>'
+                    f'<td class="metric">{"" if t.metric is None else f"{t.metric:.4g}"}</td>' +
+                    "".join(f"<td>{c}</td>" for c in cells) +
                     f'<td class="reason">{html.escape(t.reason or "")}</td></tr>')
-    return f'<table class="trials"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return f'<div class="trials-box"><table class="trials"><thead><tr>{head}</tr></thead>' \
+           f'<tbody>{"".join(rows)}</tbody></table></div>'
 
 
 def _plot_html(folder: Path, name: str, fig: Figure | None, note: str) -> str:
@@ -209,7 +219,7 @@ def wandb_report(path: str) -> int:
     params = swept(config)
     out = console()
     out.print(f"sweep {path} ({config.get('method', '?')}): {len(trials)} runs")
-    out.print(trial_table(ranked(trials, goal), metric, params))
+    out.print(TrialTable(ranked(trials, goal), metric, params, remedy="widen the terminal or see the dashboard"))
     out.print(summary_line(trials, metric, goal, params))
     out.print(f"dashboard: {url}", soft_wrap=True)
     return 0

@@ -1,11 +1,13 @@
 """The trial table of a local sweep: `python -m agent status DIR [--json]`, and the live view."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, Group
 from rich.live import Live
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -14,8 +16,10 @@ from agent.trials import STATE_COLORS, Trial, best_trial, short, state_counts, s
 
 
 def console() -> Console:
-    # Off a terminal (logs, pipes) rich assumes 80 columns and folds every row; tables want more.
-    return Console() if sys.stdout.isatty() else Console(width=200)
+    # Off a terminal (logs, pipes) rich assumes 80 columns, which tables outgrow; COLUMNS, when set, is how a
+    # user (or a test) asks for a width, and rich reads it itself.
+    asked = os.environ.get("COLUMNS", "").isdigit()
+    return Console() if sys.stdout.isatty() or asked else Console(width=200)
 
 
 def print_line(out: Console, text: str):
@@ -32,18 +36,63 @@ def summary_line(trials: list[Trial], metric: str | None, goal: str, params: lis
     return line
 
 
-def trial_table(trials: list[Trial], metric: str | None, params: list[str]) -> Table:
-    # Cells are Text, never markup: a reason or a value may hold brackets, and markup would be printed
-    # raw whenever a caller prints with markup off (the live view's event lines do).
-    table = Table(box=None, header_style="bold")
-    for column in ["id", "state", metric or "metric", "time", *params, "reason"]:
-        table.add_column(Text(column), overflow="fold")
-    for t in trials:
-        duration = "" if t.duration is None else f"{t.duration:.0f}s"
-        cells = ["" if t.metric is None else f"{t.metric:.4g}", duration,
-                 *[short(t.config.get(p, "")) for p in params], t.reason or ""]
-        table.add_row(Text(t.id), Text(t.state, style=STATE_COLORS[t.state]), *map(Text, cells))
-    return table
+SHORTEST_REASON = 16  # still says what happened: "exit code 1: CUD…"
+
+
+class TrialTable:
+    """The trial table at the width it is drawn at (a live view's terminal can be resized in between).
+
+    No value is ever folded: to fit, the reason column is shortened first, with an ellipsis (never below
+    SHORTEST_REASON), then the time column goes, then the swept parameters from the last one, then the
+    reason; id, state and the metric always stay. A line under the table names what went.
+    """
+
+    def __init__(self, trials: list[Trial], metric: str | None, params: list[str],
+                 remedy: str = "widen the terminal or use --json"):
+        self.headers = ["id", "state", metric or "metric", "time", *params, "reason"]
+        self.remedy = remedy
+        # Cells are Text, never markup: a reason or a value may hold brackets, and markup would be printed
+        # raw whenever a caller prints with markup off (the live view's event lines do).
+        self.rows = [[Text(t.id), Text(t.state, style=STATE_COLORS[t.state]),
+                      Text("" if t.metric is None else f"{t.metric:.4g}"),
+                      Text("" if t.duration is None else f"{t.duration:.0f}s"),
+                      *[Text(short(t.config.get(p, ""))) for p in params], Text(t.reason or "")]
+                     for t in trials]
+        # A table of one row, each column's widest cell, measures as wide as the whole one, and far sooner.
+        self.widest = [[max(column, key=lambda cell: cell.cell_len) for column in zip(*self.rows)]] if trials else []
+
+    def table(self, shown: list[int], reason_width: int | None = None, rows: list[list[Text]] | None = None) -> Table:
+        reason = len(self.headers) - 1
+        table = Table(box=None, header_style="bold")
+        for i in shown:
+            table.add_column(Text(self.headers[i]), no_wrap=True, overflow="ellipsis",
+                             max_width=reason_width if i == reason else None)
+        for row in self.rows if rows is None else rows:
+            table.add_row(*(row[i] for i in shown))
+        return table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions):
+        time_column, reason = 3, len(self.headers) - 1
+        # unbounded: a measurement is capped at the width it is asked within, which would hide the overflow
+        unbounded = options.update_width(1 << 20)
+
+        def overflow(shown: list[int], reason_width: int | None = None) -> int:
+            table = self.table(shown, reason_width, self.widest)
+            return Measurement.get(console, unbounded, table).maximum - options.max_width
+
+        shown, left_out, reason_width = list(range(len(self.headers))), [], None
+        for drop in [None, time_column, *range(reason - 1, time_column, -1), reason]:
+            if drop is not None:
+                shown.remove(drop)
+                left_out.append(self.headers[drop])
+            if overflow(shown) <= 0:
+                break
+            if reason in shown and (spare := -overflow(shown, SHORTEST_REASON)) >= 0:
+                reason_width = SHORTEST_REASON + spare
+                break
+        yield self.table(shown, reason_width)
+        if left_out:
+            yield Text(f"left out to fit {options.max_width} columns: {', '.join(left_out)}; {self.remedy}")
 
 
 def status(directory: str, as_json: bool) -> int:
@@ -59,7 +108,7 @@ def status(directory: str, as_json: bool) -> int:
     metric, goal = sweep_metric(sweep)
     out = console()
     print_line(out, f"sweep {sweep_id} ({sweep['method']}) in {directory}")
-    out.print(trial_table(trials, metric, swept(sweep)))
+    out.print(TrialTable(trials, metric, swept(sweep)))
     print_line(out, summary_line(trials, metric, goal, swept(sweep)))
     return 0
 
@@ -93,5 +142,5 @@ class SweepView:
         self.last_summary = summary_line(trials, self.metric, self.goal, self.params)
         if self.live:
             recent = sorted(trials, key=lambda t: t.created)[-12:]
-            self.live.update(Group(trial_table(recent, self.metric, self.params), Text(self.last_summary)),
+            self.live.update(Group(TrialTable(recent, self.metric, self.params), Text(self.last_summary)),
                              refresh=True)

@@ -14,6 +14,7 @@ logged as `resume-<run id>`, the run is marked preempting and Preempted is raise
 exits non-zero and W&B requeues it.
 """
 
+import logging
 import os
 import sys
 import time
@@ -45,8 +46,10 @@ from cifar_core.system import ImageClassifier
 # Lightning warns that a mid-epoch resume replays the epoch unless the loader has state_dict(); ours
 # starts where Lightning's restored loop progress says (data.TensorBatches), so it does not.
 warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
-
-EXAMPLES = 32  # validation images logged with the best model's predictions, as the seed logged them
+warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own deprecated call
+# Every Trainer advertises Lightning's cloud logger in the trial's log: nothing a user of this program acts on.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not record.getMessage().startswith("💡 Tip"))
 
 
 class Preempted(Exception):
@@ -201,7 +204,9 @@ def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], req
         fit = make_fit(config, run, requests, callbacks, ckpt_dir, devices)
         datamodule, system, trainer, best = fit.datamodule, fit.system, fit.trainer, fit.best
         ender, divergence, early_stopping, clock = fit.ender, fit.divergence, fit.early_stopping, fit.clock
-        run.summary.update({**datamodule.notes, "trial/data_s": prepared - began + datamodule.load_seconds})
+        run.summary.update({**datamodule.notes, "model/weights": system.net.weights,
+                            "trial/data_s": prepared - began + datamodule.load_seconds})
+        print(f"{config.model}: weights from {system.net.weights}", file=sys.stderr, flush=True)
         try:
             # weights_only: a resume checkpoint may come from a W&B artifact, and must not run code
             trainer.fit(system, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
@@ -236,9 +241,8 @@ def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], req
     trainer.logger.log_metrics(test, step=trainer.global_step)
     tested = time.perf_counter()
     unless_preempted("logging")
-    examples = datamodule.val_set
-    log_predictions(trainer.logger, system.net, examples[:EXAMPLES], examples.labels[:EXAMPLES], datamodule.classes,
-                    trainer.global_step, **inference(config))
+    log_predictions(trainer.logger, system.net, datamodule.val_set, datamodule.classes, trainer.global_step,
+                    **inference(config))
     best.save_and_log(system.network, **test)
     # Where a trial's time goes, beside its metrics (agent/run.py adds its start-up).
     run.summary.update({"trial/setup_s": (clock.started or fitted) - began,

@@ -1,8 +1,10 @@
-"""The controller's command line, state and views, in process: flags, damaged state, the reaper, the tables."""
+"""The controller's command line, state and views, in process (bar one `status` through its real entry point):
+flags, damaged state, the reaper, the tables."""
 
 import io
 import os
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from sqlalchemy.schema import CreateTable
 import agent.status
 from agent.__main__ import main
 from agent.store import CONTROLLERS, SWEEPS, TRIALS, Store, Trial, sqlite_url
+from tests.helpers import agent_command
 
 SWEEP = {"program": "train.py", "method": "bayes", "metric": {"name": "loss", "goal": "minimize"},
          "parameters": {"x": {"min": 0.0, "max": 1.0}, "opt": {"value": "sgd"}}}
@@ -185,6 +188,79 @@ def test_status_table_has_a_row_per_trial_and_a_summary(tmp_path, capsys):
                                          ["t2", "failed", "3s", "0.75", "exit", "code", "1:", "[boom]"],
                                          ["t3", "pending", "0.5"]]
     assert summary == "1 finished, 1 pending, 1 failed | best loss 0.5 (t1: x=0.25)"
+
+
+WIDE = {"program": "train.py", "method": "random", "metric": {"name": "val_acc", "goal": "maximize"},
+        "parameters": {"lr": {"min": 0.0001, "max": 0.01}, "weight_decay": {"min": 0.0, "max": 0.1},
+                       "drop_path_rate": {"values": [0.0, 0.1]}, "batch_size": {"values": [64, 128]},
+                       "optimizer": {"values": ["adamw", "sgd"]}, "epochs": {"value": 3}}}
+OOM = "exit code 1: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def wide_sweep(folder: Path):
+    store = Store(sqlite_url(folder))
+    store.join("s1", WIDE)
+    now = time.time()
+    for trial_id, lr, state, metric, reason in [("t1", 0.0005, "finished", 0.8125, None),
+                                                ("t2", 0.0031, "failed", None, OOM),
+                                                ("t3", 0.0097, "stopped", 0.41, "early-terminated by hyperband")]:
+        store.add_trial(trial_id, {"lr": {"value": lr}, "weight_decay": {"value": 0.0125},
+                                   "drop_path_rate": {"value": 0.1}, "batch_size": {"value": 128},
+                                   "optimizer": {"value": "adamw"}, "epochs": {"value": 3}}, "c")
+        store.update(trial_id, state=state, metric=metric, reason=reason, started=now - 754, ended=now)
+    store.close()
+
+
+def status_at(tmp_path: Path, capsys, monkeypatch, columns: str | None) -> tuple[list[str], list[str]]:
+    """`status DIR` of wide_sweep off a terminal, COLUMNS as given: the table's lines and the lines under it."""
+    wide_sweep(tmp_path)
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert main(["status", str(tmp_path)]) == 0
+    _, *lines, summary = capsys.readouterr().out.splitlines()
+    assert summary.startswith("1 finished, 1 failed, 1 stopped | best val_acc 0.8125 (t1: lr=0.0005 ")
+    return lines[:4], lines[4:]
+
+
+@pytest.mark.parametrize("columns, left_out", [
+    (120, []), (80, ["time", "optimizer", "batch_size"]),
+    (60, ["time", "optimizer", "batch_size", "drop_path_rate", "weight_decay"]),
+    (40, ["time", "optimizer", "batch_size", "drop_path_rate", "weight_decay", "lr", "reason"])])
+def test_status_fits_the_width_by_leaving_columns_out_in_order_never_folding_a_value(tmp_path, capsys, monkeypatch,
+                                                                                      columns, left_out):
+    table, under = status_at(tmp_path, capsys, monkeypatch, str(columns))
+    assert all(len(line) <= columns for line in table + under)
+    shown = [c for c in ["id", "state", "val_acc", "time", "lr", "weight_decay", "drop_path_rate", "batch_size",
+                         "optimizer", "reason"] if c not in left_out]
+    assert table[0].split() == shown
+    values = {"id": "t1", "state": "finished", "val_acc": "0.8125", "time": "754s", "lr": "0.0005",
+              "weight_decay": "0.0125", "drop_path_rate": "0.1", "batch_size": "128", "optimizer": "adamw"}
+    assert table[1].split() == [values[c] for c in shown if c != "reason"]  # each value whole, on its row
+    if "reason" in shown:  # shortened with an ellipsis first, never below 16 characters
+        assert OOM[:16] in table[2] and table[2].rstrip().endswith("…")
+    said = " ".join(" ".join(under).split())
+    assert said == (f"left out to fit {columns} columns: {', '.join(left_out)}; widen the terminal or use --json"
+                    if left_out else "")
+
+
+def test_status_off_a_terminal_is_200_columns_wide_and_leaves_nothing_out(tmp_path, capsys, monkeypatch):
+    table, under = status_at(tmp_path, capsys, monkeypatch, None)
+    assert table[0].split() == ["id", "state", "val_acc", "time", "lr", "weight_decay", "drop_path_rate",
+                                "batch_size", "optimizer", "reason"]
+    assert table[2].split() == ["t2", "failed", "754s", "0.0031", "0.0125", "0.1", "128", "adamw", *OOM.split()]
+    assert under == []
+
+
+def test_status_command_honours_columns(tmp_path):
+    wide_sweep(tmp_path)
+    out = subprocess.run(agent_command("status", str(tmp_path)), env={**os.environ, "COLUMNS": "80"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines[1:-1])
+    assert "left out to fit 80 columns: time, optimizer, batch_size;" in out.stdout
 
 
 @pytest.mark.parametrize("terminal", [True, False])

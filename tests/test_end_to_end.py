@@ -5,9 +5,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
+from cifar_core.config import TrainConfig
 from cifar_core.data import CIFAR10_CLASSES as CLASSES
-from cifar_core.predictions import parse_caption
+from cifar_core.data import datamodule_for
+from cifar_core.predictions import example_rows, parse_caption
 from tests.helpers import agent_command, leet_records, leet_summary
 
 
@@ -31,8 +34,10 @@ def test_agent_run_logs_config_metrics_images_and_best_model(cifar_dir, offline_
     rows = [r["history"]["item"] for r in records if r["type"] == "history"]
     assert [row["epoch"] for row in rows if "val_acc" in row] == [0, 1]
     [images] = [row for row in rows if "examples.captions" in row]  # once, with the best model's predictions
-    captions = images["examples.captions"]
-    assert len(captions) == 20 and all(parse_caption(c)[1] in CLASSES for c in captions)
+    captions = [parse_caption(c) for c in images["examples.captions"]]
+    val = datamodule_for(TrainConfig(data_dir=str(cifar_dir)))
+    val.load()
+    assert {label for _, label in captions} == {CLASSES[y] for y in val.val_set.labels.tolist()}  # every class
     assert all((run_dir / "files" / f).is_file() for f in images["examples.filenames"])
     assert summary["summary"]["trial/fit_s"] > 0 and summary["summary"]["trial/test_s"] > 0
 
@@ -47,3 +52,16 @@ def test_agent_run_logs_config_metrics_images_and_best_model(cifar_dir, offline_
     assert metadata["monitor"] == "val_acc" and metadata["epoch"] in (0, 1)
     assert metadata["config"]["optimizer"] == "sgd" and 0 <= metadata["val_acc"] <= 1
     assert metadata["test_acc"] == summary["summary"]["test_acc"]
+
+
+def test_the_logged_examples_show_every_class_alike_with_its_mistakes_first():
+    labels = torch.arange(100) % 10  # ten of each class, in turns
+    def half_wrong(rows):  # of each class, the 2nd, 4th, ... image
+        return torch.where(rows // 10 % 2 == 1, (labels[rows] + 1) % 10, labels[rows])
+
+    shown = example_rows(labels, 10, half_wrong)
+    by_class = [[(row, guess) for row, guess in shown if labels[row] == c] for c in range(10)]
+    assert all(len(mine) == 3 for mine in by_class)  # 32 images spread over 10 classes: 3 of each
+    assert all(mine[0][1] != c and all(guess == c for _, guess in mine[1:]) for c, mine in enumerate(by_class))
+    many = example_rows(torch.arange(300) % 100, 100, lambda rows: rows % 100)
+    assert sorted(row % 100 for row, _ in many) == list(range(64))  # one each of the first 64 classes

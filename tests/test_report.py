@@ -17,7 +17,9 @@ import yaml
 from agent.errors import UsageError
 from agent.plots import importance, importance_chart
 from agent.report import learning_curves, report, write_report
-from agent.store import Trial, open_store
+from agent.store import Store, Trial, open_store, sqlite_url
+from cifar_core.data import CIFAR10_CLASSES
+from cifar_core.predictions import parse_caption
 from tests.conftest import write_cifar
 from tests.helpers import REPO, agent_command, fresh_env
 
@@ -89,7 +91,26 @@ def states(directory: Path) -> dict[str, str]:
         return dict(db.execute("SELECT id, state FROM trials"))
 
 
-def open_in_browser(html: Path, screenshot: Path) -> dict:
+# How wide the page and the trial table's box are, and, with the box scrolled all the way right, where the
+# id and metric headers are in it and whether the pinned cells hide what scrolls beneath them.
+GEOMETRY = """() => {
+  const box = document.querySelector(".trials-box"), page = document.documentElement;
+  const seen = {pageWidth: page.scrollWidth, viewWidth: innerWidth, boxContent: box.scrollWidth,
+                boxWidth: box.clientWidth};
+  box.scrollLeft = box.scrollWidth;
+  const edges = box.getBoundingClientRect();
+  seen.pinned = [...box.querySelectorAll("thead th.id, thead th.metric")].map(th => {
+    const r = th.getBoundingClientRect();
+    return {name: th.textContent, left: r.left - edges.left, right: r.right - edges.left,
+            visible: r.left >= edges.left && r.right <= edges.left + box.clientWidth};
+  });
+  seen.see_through = [...box.querySelectorAll(".id, .metric")].map(c => getComputedStyle(c).backgroundColor)
+    .filter(color => color.startsWith("rgba"));
+  return seen;
+}"""
+
+
+def open_in_browser(html: Path, screenshot: Path, width: int = 1280) -> dict:
     """Loads the page in headless Chromium with every network request watched; returns what it saw."""
     if CHROMIUM is None:
         pytest.skip("no chromium on PATH (apt-get install chromium) to open the report in")
@@ -98,7 +119,7 @@ def open_in_browser(html: Path, screenshot: Path) -> dict:
     seen = {"errors": [], "failed": [], "requests": []}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport={"width": width, "height": 900})
         page.on("console", lambda m: m.type == "error" and seen["errors"].append(m.text))
         page.on("pageerror", lambda e: seen["errors"].append(str(e)))
         page.on("requestfailed", lambda r: seen["failed"].append(r.url))
@@ -109,6 +130,7 @@ def open_in_browser(html: Path, screenshot: Path) -> dict:
         seen["images"] = page.eval_on_selector_all(
             "img", "is => is.map(i => ({alt: i.alt, width: i.naturalWidth, src: i.src.slice(0, 22)}))")
         seen["text"] = page.inner_text("body")
+        seen["geometry"] = page.evaluate(GEOMETRY)
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
     return seen
@@ -138,7 +160,8 @@ def test_report_of_our_program_opens_offline_with_plots_and_prediction_images(ou
         assert f"Needs at least 3 finished trials with a val_acc; {finished} so far" in seen["text"]
     assert sorted(p.stem for p in (ours_dir / "report").glob("*.png")) == sorted(plots)
     examples = [i for i in seen["images"] if i["alt"].startswith("Pred: ")]
-    assert len(examples) == 32  # the last step's 32 captioned validation images
+    shown = [parse_caption(i["alt"])[1] for i in examples]  # each class alike: 3 of each (fewer if val has fewer)
+    assert set(shown) == set(CIFAR10_CLASSES) and max(map(shown.count, shown)) == 3
     if os.environ.get("REPORT_SCREENSHOT"):
         shutil.copy(tmp_path / "report.png", os.environ["REPORT_SCREENSHOT"])
 
@@ -175,7 +198,7 @@ def test_stopped_and_running_trials_are_marked_and_metricless_ones_last(foreign_
         db.execute("UPDATE trials SET state = 'stopped', reason = 'early-terminated by hyperband' WHERE seq = 2")
     html = write_report(copy).read_text()
     rows = html.split("<tbody>")[1].split("</tbody>")[0].split("<tr")[1:]
-    metrics = [float(r.split("</td><td>")[2]) for r in rows[:-1]]
+    metrics = [float(re.search(r'<td class="metric">([^<]+)</td>', r)[1]) for r in rows[:-1]]
     assert metrics == sorted(metrics) and rows[-1].startswith(' class="running"')
     [stopped] = [r for r in rows if r.startswith(' class="stopped')]
     assert "early-terminated by hyperband" in stopped
@@ -189,6 +212,30 @@ def test_stopped_and_running_trials_are_marked_and_metricless_ones_last(foreign_
     legend = [t.get_text() for t in learning_curves(trials, "loss", "minimize").axes[0].get_legend().get_texts()]
     assert "stopped (hyperband)" in legend and any(trials[1].id in label for label in legend)
     assert len(legend) == 5 + 1  # the top 5 (the stopped one among them) and the marker's entry
+
+
+def test_a_wide_trial_table_scrolls_in_its_box_with_id_and_metric_pinned(tmp_path):
+    names = ["lr", "weight_decay", "drop_path_rate", "label_smoothing", "batch_size", "optimizer", "warmup_epochs",
+             "mixup_alpha", "cutmix_alpha", "random_erasing", "ema_decay", "gradient_clip_val"]
+    store = Store(sqlite_url(tmp_path))
+    store.join("wide", {"program": "train.py", "method": "random", "metric": {"name": "val_acc", "goal": "maximize"},
+                        "parameters": {name: {"values": [0.0001, 0.25]} for name in names}})
+    for i in range(6):
+        store.add_trial(f"trial{i:03d}", {name: {"value": 0.0001 + i / 7} for name in names}, "c")
+        store.update(f"trial{i:03d}", state="failed" if i == 0 else "finished", metric=0.5 + i / 20,
+                     history=[0.1 * (i + epoch) for epoch in range(4)],
+                     reason="exit code 1: torch.OutOfMemoryError: CUDA out of memory" if i == 0 else None)
+    store.close()
+    seen = open_in_browser(write_report(tmp_path), tmp_path / "report.png", width=1400)
+    assert_self_contained(seen)
+    geometry = seen["geometry"]
+    assert geometry["pageWidth"] <= geometry["viewWidth"] == 1400  # the page never scrolls sideways
+    assert geometry["boxContent"] > geometry["boxWidth"]  # the table does, in its box
+    id_header, metric_header = geometry["pinned"]
+    assert (id_header["name"], metric_header["name"]) == ("id", "val_acc")
+    assert id_header["visible"] and metric_header["visible"], geometry
+    assert id_header["right"] <= metric_header["left"] + 1, geometry  # side by side, neither over the other
+    assert geometry["see_through"] == []
 
 
 def trial(i: int, state: str, x: float, metric: float | None) -> Trial:
