@@ -90,12 +90,12 @@ def write_report(directory):
 def command_line(argv: list[str]) -> str:
     """This command as the user runs it again: `python -m agent ...`, the interpreter named by its path when the
     `python` on PATH is another one (a virtual environment that is not activated)."""
-    try:  # asked, not looked up: `python` may be a shim (pyenv) that runs this one
-        answer = subprocess.run(["python", "-c", "import sys; print(sys.executable)"], capture_output=True, text=True,
+    try:  # asked, not looked up: `python` may be a shim (pyenv) that runs this one, or a link to its base
+        answer = subprocess.run(["python", "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
                                 timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         answer = ""
-    same = bool(answer) and os.path.realpath(answer) == os.path.realpath(sys.executable)
+    same = answer == sys.prefix  # the environment, whose packages the command will see
     return shlex.join(["python" if same else sys.executable, "-m", "agent", *argv])
 
 

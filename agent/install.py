@@ -72,19 +72,23 @@ def this_python_first(env: dict) -> dict:
     `python` of a trial's command (W&B's ${interpreter}) is the Python running this command, with the packages
     installed for it, and not another one found first on PATH."""
     folder = Path(sys.executable).parent
-    if not (folder / "python").exists():  # e.g. only python3 there: `python` would not become this one anyway
-        return env
     path = env.get("PATH", os.defpath)
-    found = shutil.which("python", path=path)
-    if found is not None and os.path.realpath(found) == os.path.realpath(folder / "python"):
+    if not (folder / "python").exists() or _python_on(path) == folder / "python":  # nothing to change
         return env
     return {**env, "PATH": f"{folder}{os.pathsep}{path}"}
 
 
+def _python_on(path: str) -> Path | None:
+    # Not resolved: a virtual environment's python is a link to its base interpreter, and only where the link
+    # lies (next to its pyvenv.cfg) says which packages it sees.
+    found = shutil.which("python", path=path)
+    return None if found is None else Path(os.path.abspath(found))
+
+
 def interpreter_hint(env: dict) -> str:
     """For a trial that could not import a package: which `python` its command got, and which runs this one."""
-    found = shutil.which("python", path=env.get("PATH", os.defpath))
-    if found is not None and os.path.realpath(found) == os.path.realpath(sys.executable):
+    found = _python_on(env.get("PATH", os.defpath))
+    if found == Path(sys.executable).parent / "python":
         return "fix: install what provides it (pip install -e . installs this project's dependencies)"
     return (f"the trial ran `python` = {found or 'none on PATH'}, this command runs {sys.executable}; fix: "
             "activate the environment that has the packages, or install them for that python")

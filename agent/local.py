@@ -175,7 +175,8 @@ class LocalSweep:
                         reaped = time.monotonic()
                     self.handle_signals()
                     self.poll_trials()
-                    self.early_terminate()
+                    if not self.stopping:  # trials being paused are not stopped on the way
+                        self.early_terminate()
                     if not self.stopping and (self.to_retry or not self.exhausted):
                         self.fill_slots()
                     if not self.procs and (self.stopping or (self.exhausted and not self.to_retry)):

@@ -27,6 +27,12 @@ def print_line(out: Console, text: str):
     out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
+def print_wrapped(out: Console, text: str):
+    """A line of values (the sweep, the summary) at the console's width: wrapped between words, never inside a
+    value."""
+    out.print(Text(text), highlight=False)
+
+
 def summary_line(trials: list[Trial], metric: str | None, goal: str, params: list[str]) -> str:
     line = state_counts(trials)
     best = best_trial(trials, goal)
@@ -107,9 +113,9 @@ def status(directory: str, as_json: bool) -> int:
         return 0
     metric, goal = sweep_metric(sweep)
     out = console()
-    print_line(out, f"sweep {sweep_id} ({sweep['method']}) in {directory}")
+    print_wrapped(out, f"sweep {sweep_id} ({sweep['method']}) in {directory}")
     out.print(TrialTable(trials, metric, swept(sweep)))
-    print_line(out, summary_line(trials, metric, goal, swept(sweep)))
+    print_wrapped(out, summary_line(trials, metric, goal, swept(sweep)))
     return 0
 
 
@@ -133,7 +139,7 @@ class SweepView:
     def __exit__(self, *exc):
         if self.live:
             self.live.stop()
-        print_line(self.console, self.last_summary)
+        print_wrapped(self.console, self.last_summary)
 
     def event(self, text: str):
         print_line(self.console, text)

@@ -3,9 +3,9 @@
 Three checks: W&B's own schema (the `sweeps` engine's); what W&B's agent needs to start a trial
 (a command or a program, macros it knows, a metric for bayes and early_terminate); and, when the
 YAML runs our program, the TrainConfig: every parameter is a config field, every value or range
-endpoint one the config accepts, `metric` matches the runs' `monitor`, and the image folder of
-dataset imagefolder, where its data_dir is on this box, one the trials can train on as far as its
-file names tell (no image is decoded).
+endpoint one the config accepts, `metric` matches the runs' `monitor`, and the inputs that are on this
+box: the image folder of dataset imagefolder, one the trials can train on as far as its file names
+tell (no image is decoded), and a pretrained_path that holds its network's weights.
 
 Runs our program: the command W&B's agent starts (`command:`, else its default
 `${env} ${interpreter} ${program} ${args}`, `${program}` being `program:`) holds the items
@@ -157,16 +157,17 @@ def candidate_values(spec: dict) -> list:
     return [math.exp(min(v, 709)) for v in ends] if distribution in LOG_SPACE else ends
 
 
-def parameter_problems(name: str, spec: dict, constants: dict) -> list[str]:
-    """Each value the parameter can take, with the sweep's constants (`value:` parameters) around it."""
+def parameter_problems(name: str, spec: dict, around: dict) -> list[str]:
+    """Each value the parameter can take, with the other parameters `around` it."""
     if name not in TrainConfig.model_fields:
         return [f"parameters.{name}: not a config key; {did_you_mean(name, TrainConfig.model_fields)}"]
     problems = []
     for value in candidate_values(spec):
         try:
-            TrainConfig(**{**constants, name: value})
+            TrainConfig(**{**around, name: value})
         except ValidationError as e:
-            problems.append(f"parameters.{name}: {describe_validation_error(e)}")
+            if any(error["loc"] in ((name,), ()) for error in e.errors()):  # not only another parameter's own
+                problems.append(f"parameters.{name}: {describe_validation_error(e)}")
     return problems
 
 
@@ -208,6 +209,25 @@ def folder_problems(parameters: dict) -> list[str]:
     return problems
 
 
+def weights_problems(parameters: dict) -> list[str]:
+    """Each pretrained_path the sweep names that is on this box and is not weights of its timm network (another
+    network's would load in part, the rest left random): one network built for each, which imports torch."""
+    if "pretrained_path" not in parameters:
+        return []
+    from cifar_core.fetch import DatasetError
+    from cifar_core.model import TIMM, check_pretrained
+
+    problems = []
+    for model in candidate_values(parameters.get("model", {"value": TrainConfig.model_fields["model"].default})):
+        for path in candidate_values(parameters["pretrained_path"]):
+            if isinstance(model, str) and model.startswith(TIMM) and isinstance(path, str) and Path(path).is_file():
+                try:
+                    check_pretrained(model, path)
+                except DatasetError as e:
+                    problems.append(f"parameters.pretrained_path: {str(e).removeprefix('pretrained_path=')}")
+    return problems
+
+
 def sweep_problems(sweep: dict) -> list[str]:
     """A line per problem W&B or our program would hit; [] for a sweep that can run."""
     # The sweeps engine's check raises on parameters that are not mappings: it gets them as mappings.
@@ -230,11 +250,13 @@ def sweep_problems(sweep: dict) -> list[str]:
         problems += engine_problems(config)
     if runs_our_program(sweep):
         problems += our_command_problems(sweep)
-        constants = {name: spec["value"] for name, spec in parameters.items()
-                     if "value" in spec and name in TrainConfig.model_fields}
+        # Each value is checked beside the others' first (a constant's only) values: a value that clashes with
+        # another field (drop_path_rate, for a non-timm model) is one that a trial of this sweep would get.
+        around = {name: values[0] for name, spec in parameters.items()
+                  if name in TrainConfig.model_fields and (values := candidate_values(spec))}
         for name, spec in parameters.items():
-            problems += parameter_problems(name, spec, constants)
-        problems += metric_problems(sweep, parameters) + folder_problems(parameters)
+            problems += parameter_problems(name, spec, around)
+        problems += metric_problems(sweep, parameters) + folder_problems(parameters) + weights_problems(parameters)
     return problems
 
 

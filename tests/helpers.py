@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from wandb.util import get_core_path
 
+from agent.install import this_python_first
 from agent.runlog import RunLogReader, find_run_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,9 +118,11 @@ def validated(wandb_dir: Path, run_id: str, epoch: int) -> Callable[[], bool]:
 
 
 def fresh_env(root: Path, **extra: str) -> dict[str, str]:
-    """os.environ with offline W&B under `root` and `extra` on top (no W&B variables of the caller's)."""
+    """os.environ with offline W&B under `root` and `extra` on top (no W&B variables of the caller's), and this
+    Python first on PATH, as `agent local` and `agent launch` give their trials: W&B's agent started by a test
+    runs `python`, which must be the one running the tests, activated or not."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return {**env, **offline_env(root), **extra}
+    return this_python_first({**env, **offline_env(root), **extra})
 
 
 # W&B's real `wandb agent`, its server calls replaced (tests/programs/wandb_agent_offline.py), driven through files.

@@ -219,9 +219,12 @@ def status_at(tmp_path: Path, capsys, monkeypatch, columns: str | None) -> tuple
     else:
         monkeypatch.setenv("COLUMNS", columns)
     assert main(["status", str(tmp_path)]) == 0
-    _, *lines, summary = capsys.readouterr().out.splitlines()
-    assert summary.startswith("1 finished, 1 failed, 1 stopped | best val_acc 0.8125 (t1: lr=0.0005 ")
-    return lines[:4], lines[4:]
+    out = capsys.readouterr().out.splitlines()
+    table = next(i for i, line in enumerate(out) if line.split()[:1] == ["id"])
+    summary = next(i for i, line in enumerate(out) if line.startswith("1 finished"))
+    assert columns is None or all(len(line) <= int(columns) for line in out)  # the sweep and summary lines too
+    assert " ".join(" ".join(out[summary:]).split()).startswith("1 finished, 1 failed, 1 stopped | best val_acc 0.8125 (t1: lr=0.0005 ")
+    return out[table:table + 4], out[table + 4:summary]
 
 
 @pytest.mark.parametrize("columns, left_out", [
@@ -258,8 +261,7 @@ def test_status_command_honours_columns(tmp_path):
     out = subprocess.run(agent_command("status", str(tmp_path)), env={**os.environ, "COLUMNS": "80"},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert all(len(line) <= 80 for line in lines[1:-1])
+    assert all(len(line) <= 80 for line in out.stdout.splitlines())
     assert "left out to fit 80 columns: time, optimizer, batch_size;" in out.stdout
 
 

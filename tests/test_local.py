@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from agent.errors import UsageError
-from agent.install import matching_pair_command
+from agent.install import matching_pair_command, this_python_first
 from agent.local import trial_command
 from agent.store import open_store
 from tests.conftest import HYPERBAND
@@ -36,6 +36,9 @@ def foreign_sweep(tmp_path, offline_env) -> Path:
 
 
 def local(sweep: Path, *args: str, timeout: float = 150, **popen) -> subprocess.CompletedProcess:
+    """`agent local SWEEP ARGS` from the sweep's folder, `python` on PATH this one (as in an activated environment:
+    the commands it prints to resume start with `python`)."""
+    popen.setdefault("env", this_python_first(dict(os.environ)))
     return subprocess.run(agent_command("local", str(sweep), *args), capture_output=True, text=True,
                           cwd=sweep.parent, timeout=timeout, **popen)
 
@@ -203,7 +206,8 @@ def start_signalled_sweep(tmp_path: Path, monkeypatch, modes: list[str], *args: 
     sweep = write_yaml(tmp_path / "sweep.yaml", {"program": str(PROGRAMS / "signalled_trial.py"), "method": "grid",
                                                  "parameters": {"mode": {"values": modes}}})
     controller = subprocess.Popen(agent_command("local", str(sweep), "--workers", str(len(modes)), "--dir", "D", *args),
-                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=this_python_first(dict(os.environ)))
     wait_for(lambda: len(list(marks.glob("*.started"))) == len(modes), "every trial started", proc=controller)
     return controller, marks
 

@@ -184,7 +184,8 @@ def test_agent_local_refuses_weights_of_another_network_before_any_trial(tmp_pat
     out = subprocess.run(agent_command("local", "sweep.yaml"), cwd=tmp_path, env=fresh_env(tmp_path),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stdout == "", out.stdout + out.stderr
-    assert out.stderr.startswith("agent local: pretrained_path='vit2.safetensors': not weights of timm/test_vit (")
+    assert out.stderr.startswith("agent local: sweep.yaml: parameters.pretrained_path: 'vit2.safetensors': not weights of "
+                                 "timm/test_vit (")
     assert out.stderr.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml", "vit2.safetensors"]  # no sweep, no trial
 

@@ -47,9 +47,10 @@ def test_errors_every_trial_would_hit_come_with_their_fix(mocker):
 
 
 def test_a_trial_that_ran_another_python_is_told_which_and_why(tmp_path):
-    other = tmp_path / "python"  # the first `python` on a PATH where this interpreter's environment is not active
-    other.write_text("#!/bin/sh\n")
-    other.chmod(0o755)
+    # The first `python` on a PATH where this environment is not active: another environment's, a link to the
+    # same base interpreter as this one's (as virtual environments are), seeing other packages all the same.
+    other = tmp_path / "python"
+    other.symlink_to(os.path.realpath(sys.executable))
     reason = environment_error("ModuleNotFoundError: No module named 'wandb'", {"PATH": str(tmp_path)})
     assert f"the trial ran `python` = {other}, this command runs {sys.executable}; fix: activate the environment" \
         in reason

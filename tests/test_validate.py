@@ -170,3 +170,17 @@ def test_validate_only_scans_and_says_nothing_of_a_folder_that_is_not_on_this_bo
         assert validate([folder_sweep(tmp_path, data_dir)]) == 0
         assert capsys.readouterr().out.endswith("sweep.yaml: ok\n")
     assert not (tmp_path / "cache").exists()  # nothing decoded
+
+
+def test_validate_refuses_a_pretrained_path_on_this_box_that_holds_another_networks_weights(tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("test_resnet").state_dict(), tmp_path / "resnet.safetensors")
+    parameters = {"dataset": {"value": "synthetic"}, "model": {"values": ["timm/test_resnet", "timm/test_vit"]},
+                  "pretrained_path": {"value": str(tmp_path / "resnet.safetensors")},
+                  "drop_path_rate": {"value": 0.1}}  # timm's own fields beside a model of several timm networks
+    assert validate([write_sweep(tmp_path, method="random", parameters=parameters)]) == 1
+    [line] = capsys.readouterr().out.splitlines()  # the resnet's own weights pass; the vit is refused
+    assert line.startswith(f"{tmp_path}/sweep.yaml: parameters.pretrained_path: "
+                           f"'{tmp_path / 'resnet.safetensors'}': not weights of timm/test_vit")
