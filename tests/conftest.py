@@ -92,6 +92,14 @@ def write_image_folder(root: Path, splits: dict[str, int] | None = None, classes
     return root
 
 
+@pytest.fixture(autouse=True)
+def no_terminal_size(monkeypatch):
+    """Every test starts with no COLUMNS or LINES, as `python -m agent status` in a pipe: a process that imported
+    readline (an xdist worker does) has them set, and the views take COLUMNS as a width asked for."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
+
+
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory) -> Path:
     return write_cifar(tmp_path_factory.mktemp("cifar"))
