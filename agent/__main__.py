@@ -16,7 +16,7 @@ import sys
 if __name__ == "__main__" and sys.argv[1:2] == ["run"] and os.environ.get("AGENT_WARM_SOCKET"):
     # A warm worker for this slot (agent local, agent launch): the trial starts in a process that has
     # imported torch, Lightning and wandb already. This one imports only the standard library.
-    from agent.warm_client import run_warm
+    from agent.program.handoff import run_warm
 
     if (code := run_warm(sys.argv[2:])) is not None:
         sys.exit(code)
@@ -61,7 +61,7 @@ def seconds(text: str) -> float:
 
 
 def run_command(args) -> int:
-    from agent.run import config_help, run
+    from agent.program.run import config_help, run
 
     if args.help:
         args.print_help()
@@ -73,7 +73,7 @@ def run_command(args) -> int:
 
 
 def validate_command(args) -> int:
-    from agent.validate import validate
+    from agent.program.validate import validate
 
     return validate(args.files)
 
@@ -82,7 +82,7 @@ STORE_ENV = "AGENT_STORE"  # a PostgreSQL store for every `agent local` of the s
 
 
 def write_report(directory):
-    from agent.report import write_report  # matplotlib loads only for --report
+    from agent.views.report import write_report  # matplotlib loads only for --report
 
     return write_report(directory)
 
@@ -103,11 +103,11 @@ def local_command(args) -> int:
     """The controller runs any W&B program; what is ours (the config checks, the data, warm workers that
     import our code, resumable trials) is decided here."""
     from agent.install import pair_problem
-    from agent.launch import parse_gpus
-    from agent.local import LocalSweep, open_sweep, progress, sweeps_of, work_left
-    from agent.status import SweepView
-    from agent.store import open_store
-    from agent.validate import load_sweep, runs_our_program, sweep_problems
+    from agent.online.launch import parse_gpus
+    from agent.controller.local import LocalSweep, open_sweep, progress, sweeps_of, work_left
+    from agent.views.status import SweepView
+    from agent.controller.store import open_store
+    from agent.program.validate import load_sweep, runs_our_program, sweep_problems
 
     if args.gpus_per_trial > 1 and not args.gpus:
         raise UsageError("--gpus-per-trial needs --gpus (without GPUs, set the config's devices in the YAML)")
@@ -141,7 +141,7 @@ def local_command(args) -> int:
             raise UsageError(f"the sweep's program cannot run here: {problem}")
         print(f"agent local: warning: {problem}", file=sys.stderr)
     if ours:
-        from agent.run import prepare_sweep
+        from agent.program.run import prepare_sweep
 
         prepare_sweep(sweep)
     store, sweep_id, root = open_sweep(sweep, directory, args.sweep_id, store_url)
@@ -156,19 +156,19 @@ def local_command(args) -> int:
 
 
 def status_command(args) -> int:
-    from agent.status import status
+    from agent.views.status import status
 
     return status(args.dir, args.json)
 
 
 def create_command(args) -> int:
-    from agent.launch import create
+    from agent.online.launch import create
 
     return create(args.sweep, args.project, args.entity)
 
 
 def launch_command(args) -> int:
-    from agent.launch import Launcher
+    from agent.online.launch import Launcher
 
     launcher = Launcher(args.sweep_path, args.gpus, args.agents_per_gpu, args.count, args.stagger, args.max_restarts,
                         warm=not args.cold, gpus_per_trial=args.gpus_per_trial)
@@ -176,16 +176,16 @@ def launch_command(args) -> int:
 
 
 def report_command(args) -> int:
-    from agent.report import report
+    from agent.views.report import report
 
     return report(args.target)
 
 
 def best_command(args) -> int:
-    from agent.store import is_local_target
+    from agent.controller.store import is_local_target
 
     is_local_target(args.target)  # a wrong TARGET is told before torch loads
-    from agent.best import best
+    from agent.views.best import best
 
     return best(args.target, args.evaluate, args.export)
 
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args, flags = build_parser().parse_known_args(argv)
     args.argv = argv
     try:
-        if args.command == "run":  # its flags are TrainConfig's, checked by agent.run
+        if args.command == "run":  # its flags are TrainConfig's, checked by agent.program.run
             args.flags = flags
         elif flags:
             raise UsageError(f"unrecognized arguments: {' '.join(flags)}")

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.runlog import RunLogReader, find_run_file  # noqa: E402
+from agent.controller.runlog import RunLogReader, find_run_file  # noqa: E402
 
 TRIAL = ["--dataset=synthetic", "--model=resnet9", "--width=8", "--max_epochs=1", "--limit_train_batches=2",
          "--val_fraction=0.02"]

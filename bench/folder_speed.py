@@ -67,7 +67,7 @@ def trial(config) -> dict:
     """A normal trial: seconds from its data step's start to its first training step, and of its data step."""
     import wandb
 
-    from agent.runlog import RunLogReader
+    from agent.controller.runlog import RunLogReader
     from cifar_core.train import train
 
     stamp = FirstStep()

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.runlog import RunLogReader, find_run_file  # noqa: E402
+from agent.controller.runlog import RunLogReader, find_run_file  # noqa: E402
 
 
 def latency(data_dir: str, signum: int, extra: list[str], root: Path) -> dict:

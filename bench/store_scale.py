@@ -26,7 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.store import open_store  # noqa: E402
+from agent.controller.store import open_store  # noqa: E402
 from tests.helpers import PostgresServer  # noqa: E402
 
 SWEEP = {"method": "random", "parameters": {"x": {"min": 0.0, "max": 1.0}}, "command": ["/bin/true"]}

@@ -4,7 +4,7 @@
 
 Runs the same N-trial sweep twice with `python -m agent local`: `--cold` (each trial a fresh
 process that imports torch, Lightning and wandb itself, as under a bare `wandb agent`) and warm
-(a worker per slot forks each trial, agent/warm.py). The default sweep is the trivial trial:
+(a worker per slot forks each trial, agent/program/warm.py). The default sweep is the trivial trial:
 synthetic data, ResNet-9 at width 8, 1 epoch of 2 batches, a grid over seeds. Reported per mode:
   sweep_s            the command's wall time, warm workers' start included
   trials_per_hour    trials / sweep_s

@@ -244,7 +244,7 @@ def fit_and_test(run, config: TrainConfig, callbacks: Sequence[pl.Callback], req
     log_predictions(trainer.logger, system.net, datamodule.val_set, datamodule.classes, trainer.global_step,
                     **inference(config))
     best.save_and_log(system.network, **test)
-    # Where a trial's time goes, beside its metrics (agent/run.py adds its start-up).
+    # Where a trial's time goes, beside its metrics (agent/program/run.py adds its start-up).
     run.summary.update({"trial/setup_s": (clock.started or fitted) - began,
                         "trial/fit_s": fitted - (clock.started or fitted), "trial/test_s": tested - fitted,
                         "trial/logging_s": time.perf_counter() - tested})

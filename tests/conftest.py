@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
-from agent.store import open_store
-from agent.warm_client import WarmWorker
+from agent.controller.store import open_store
+from agent.program.handoff import WarmWorker
 from tests.fake_wandb import KEY, FakeWandb, isolated
 from tests.helpers import QUICK_VAL, PostgresServer, agent_command, fresh_env, wait_for
 from tests.helpers import offline_env as offline_env_under
@@ -130,7 +130,7 @@ WARM = pytest.mark.xdist_group("warm-worker")
 
 @pytest.fixture(scope="session")
 def warm_worker(tmp_path_factory):
-    """One warm worker (agent/warm.py) for the session, as `agent local` and `agent launch` start one per slot.
+    """One warm worker (agent/program/warm.py) for the session, as `agent local` and `agent launch` start one per slot.
     Its users share the xdist group WARM: one test process starts it (10 s of imports) and runs them in turn."""
     root = tmp_path_factory.mktemp("warm-worker")
     worker = WarmWorker("tests", fresh_env(root), root / "worker.log")
@@ -151,7 +151,7 @@ def started(monkeypatch) -> dict:
         def run(self):
             return 0
 
-    monkeypatch.setattr("agent.local.LocalSweep", Started)
+    monkeypatch.setattr("agent.controller.local.LocalSweep", Started)
     return seen
 
 

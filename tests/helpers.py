@@ -17,7 +17,7 @@ import yaml
 from wandb.util import get_core_path
 
 from agent.install import this_python_first
-from agent.runlog import RunLogReader, find_run_file
+from agent.controller.runlog import RunLogReader, find_run_file
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = REPO / "tests" / "programs"

@@ -14,10 +14,10 @@ import pytest
 import torch
 import wandb
 
-from agent.best import best
+from agent.views.best import best
 from agent.errors import UsageError
-from agent.run import make_config, parse_flags
-from agent.store import Store, sqlite_url
+from agent.program.run import make_config, parse_flags
+from agent.controller.store import Store, sqlite_url
 from cifar_core.checkpoints import save_network
 from cifar_core.data import CIFAR10_CLASSES as CLASSES
 from cifar_core.data import synthetic_images, synthetic_splits
@@ -67,7 +67,7 @@ def report(capsys, target, evaluate=False, export=None) -> dict:
 
 
 def checkpoint_predictions(path: Path, images: torch.Tensor) -> list[int]:
-    """Independently of agent.best: the network as training built it, from the checkpoint."""
+    """Independently of agent.views.best: the network as training built it, from the checkpoint."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     net = create_model(**checkpoint["network"])
     net.load_state_dict(checkpoint["state_dict"])

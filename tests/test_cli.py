@@ -4,8 +4,8 @@ import sys
 import pytest
 
 from agent.__main__ import main
-from agent.run import parse_flags
-from agent.validate import validate
+from agent.program.run import parse_flags
+from agent.program.validate import validate
 from tests.conftest import WARM, write_cifar
 from tests.helpers import REPO, agent_command, fresh_env, leet_records, records_of
 
@@ -61,7 +61,7 @@ def test_corrupt_data_file_exits_2_naming_it_and_finishes_the_run(tmp_path, warm
     batch = write_cifar(tmp_path / "data") / "cifar-10-batches-py" / "data_batch_1"
     batch.write_bytes(batch.read_bytes()[:100])
     # Through a warm worker, as under `agent local` and `agent launch`: the client relays the trial's
-    # stderr and exit code (a cold `agent run` reaches the same code in agent/run.py).
+    # stderr and exit code (a cold `agent run` reaches the same code in agent/program/run.py).
     out = subprocess.run(agent_command("run", f"--data_dir={tmp_path / 'data'}", "--max_epochs=1"),
                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
                          env=fresh_env(tmp_path, AGENT_WARM_SOCKET=warm_worker.socket))

@@ -15,9 +15,9 @@ from sqlalchemy import insert, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.schema import CreateTable
 
-import agent.status
+import agent.views.status
 from agent.__main__ import main
-from agent.store import CONTROLLERS, SWEEPS, TRIALS, Store, Trial, sqlite_url
+from agent.controller.store import CONTROLLERS, SWEEPS, TRIALS, Store, Trial, sqlite_url
 from tests.helpers import agent_command
 
 SWEEP = {"program": "train.py", "method": "bayes", "metric": {"name": "loss", "goal": "minimize"},
@@ -78,7 +78,7 @@ def test_unknown_flags_and_commands_get_one_line(capsys):
     ("all", ["2", "3"], 1, ["2", "3"]), ("all", [], 1, [None]), ("1, 3", [], 1, ["1", "3"]),
     ("all", ["0", "1", "2", "3"], 2, ["0,1", "2,3"]), ("4,5,6,7", [], 4, ["4,5,6,7"])])
 def test_gpus_is_parsed_as_launch_parses_it(tmp_path, capsys, monkeypatch, started, spec, visible, per_trial, gpus):
-    monkeypatch.setattr("agent.launch.visible_gpus", lambda: visible)
+    monkeypatch.setattr("agent.online.launch.visible_gpus", lambda: visible)
     assert main(["local", sweep_yaml(tmp_path), "--gpus", spec, "--gpus-per-trial", str(per_trial),
                  "--dir", str(tmp_path / "D")]) == 0
     assert started["gpus"] == gpus  # a slot's CUDA_VISIBLE_DEVICES
@@ -268,9 +268,9 @@ def test_status_command_honours_columns(tmp_path):
 @pytest.mark.parametrize("terminal", [True, False])
 def test_live_view_prints_event_lines_whole_and_no_markup(tmp_path, monkeypatch, terminal):
     buffer = io.StringIO()
-    monkeypatch.setattr(agent.status, "console", lambda: Console(file=buffer, force_terminal=terminal, width=80))
+    monkeypatch.setattr(agent.views.status, "console", lambda: Console(file=buffer, force_terminal=terminal, width=80))
     started_line = "t3 started: /usr/bin/env python train.py --x=0.5 --tags=[a,b] " + "--long=" + "y" * 250
-    with agent.status.SweepView("s1", SWEEP, tmp_path) as view:
+    with agent.views.status.SweepView("s1", SWEEP, tmp_path) as view:
         view.update(small_sweep(tmp_path).trials())
         view.event(started_line)
         view.update([Trial(id="t4", params={"x": {"value": "[red]"}}, state="running", reason="[bold]why")])

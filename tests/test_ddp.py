@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.store import open_store
+from agent.controller.store import open_store
 from cifar_core.config import TrainConfig
 from cifar_core.ddp import digest
 from tests.conftest import WARM

@@ -14,8 +14,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from agent.best import best
-from agent.store import open_store
+from agent.views.best import best
+from agent.controller.store import open_store
 from cifar_core.data import ImageDataModule
 from cifar_core.fetch import DatasetError
 from cifar_core.folder import load_folder, scan, stored_size

@@ -1,6 +1,6 @@
 """`python -m agent create` and `python -m agent launch`, without a W&B server or GPUs.
 
-The launcher's agents are real processes: `agent.launch.agent_command` is swapped
+The launcher's agents are real processes: `agent.online.launch.agent_command` is swapped
 for a small Python script that behaves like `wandb agent` as far as the launcher
 can tell (prints `Agent Starting Run: ...`, exits, crashes, traps signals).
 W&B's own code answers create's and launch's checks, talking to a local stand-in for
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import agent.launch as launch
+import agent.online.launch as launch
 from agent.__main__ import main
 from tests.helpers import REPO, wait_for
 
@@ -68,7 +68,7 @@ def launch_args(*extra: str) -> list[str]:
 # --- GPU slots -----------------------------------------------------------------------------------
 
 def test_dry_run_gpus_all_gives_one_agent_per_visible_gpu(mocker, capsys):
-    mocker.patch("agent.launch.visible_gpus", return_value=["0", "1", "2", "3"])
+    mocker.patch("agent.online.launch.visible_gpus", return_value=["0", "1", "2", "3"])
     assert main(launch_args("--gpus", "all", "--dry-run")) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4
@@ -78,7 +78,7 @@ def test_dry_run_gpus_all_gives_one_agent_per_visible_gpu(mocker, capsys):
 
 
 def test_run_gpus_all_pins_one_real_agent_per_gpu(mocker, monkeypatch, tmp_path, capsys):
-    mocker.patch("agent.launch.visible_gpus", return_value=["0", "1", "2", "3"])
+    mocker.patch("agent.online.launch.visible_gpus", return_value=["0", "1", "2", "3"])
     fake_agent(monkeypatch, tmp_path, ONE_RUN)
     assert main(launch_args("--gpus", "all")) == 0
     out = capsys.readouterr().out
@@ -90,7 +90,7 @@ def test_run_gpus_all_pins_one_real_agent_per_gpu(mocker, monkeypatch, tmp_path,
 
 
 def test_agents_per_gpu_and_count(mocker, capsys):
-    mocker.patch("agent.launch.visible_gpus", return_value=["0", "1"])
+    mocker.patch("agent.online.launch.visible_gpus", return_value=["0", "1"])
     assert main(launch_args("--agents-per-gpu", "2", "--count", "5", "--dry-run")) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["CUDA_VISIBLE_DEVICES=0"] * 2 + ["CUDA_VISIBLE_DEVICES=1"] * 2
@@ -98,7 +98,7 @@ def test_agents_per_gpu_and_count(mocker, capsys):
 
 
 def test_no_gpu_means_one_cpu_agent_without_cuda_visible_devices(mocker, monkeypatch, tmp_path, capsys):
-    mocker.patch("agent.launch.visible_gpus", return_value=[])
+    mocker.patch("agent.online.launch.visible_gpus", return_value=[])
     assert main(launch_args("--gpus", "all", "--dry-run")) == 0
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [f"{sys.executable} -m wandb agent --forward-signals {SWEEP}"]
@@ -157,7 +157,7 @@ sys.exit(1)
 
 def test_agent_that_crashes_once_is_restarted_after_backoff(monkeypatch, tmp_path, capsys):
     fake_agent(monkeypatch, tmp_path, CRASH_ONCE)
-    monkeypatch.setattr("agent.launch.BACKOFF_BASE", 1.5)
+    monkeypatch.setattr("agent.online.launch.BACKOFF_BASE", 1.5)
     assert main(launch_args("--gpus", "0", "--max-restarts", "1")) == 0
     captured = capsys.readouterr()
     starts = [float(line.split()[1]) for line in (tmp_path / "starts").read_text().splitlines()]
@@ -169,7 +169,7 @@ def test_agent_that_crashes_once_is_restarted_after_backoff(monkeypatch, tmp_pat
 
 def test_agent_that_always_crashes_is_given_up_after_max_restarts(monkeypatch, tmp_path, capsys):
     fake_agent(monkeypatch, tmp_path, ALWAYS_CRASH)
-    monkeypatch.setattr("agent.launch.BACKOFF_BASE", 1.5)
+    monkeypatch.setattr("agent.online.launch.BACKOFF_BASE", 1.5)
     assert main(launch_args("--gpus", "0", "--max-restarts", "1")) == 1
     captured = capsys.readouterr()
     assert (tmp_path / "starts").read_text().count("start") == 2  # the first start and one restart
@@ -211,8 +211,8 @@ while True:
 LAUNCHER = """\
 import sys
 sys.path.insert(0, {repo!r})
-import agent.launch
-agent.launch.agent_command = lambda sweep_path, count: [sys.executable, {agent!r}]
+import agent.online.launch
+agent.online.launch.agent_command = lambda sweep_path, count: [sys.executable, {agent!r}]
 from agent.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -1,4 +1,4 @@
-"""What a trial's end means (agent/outcome.py): its state and the reason every view shows."""
+"""What a trial's end means (agent/controller/outcome.py): its state and the reason every view shows."""
 
 import os
 import shutil
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from agent.install import pair_problem, this_python_first
-from agent.outcome import environment_error, outcome, own_error
+from agent.controller.outcome import environment_error, outcome, own_error
 
 WANDB_TAIL = ("\x1b[1;34mwandb\x1b[0m: \n\x1b[1;34mwandb\x1b[0m: You can sync this run to the cloud by running:\n"
               "\x1b[1;34mwandb\x1b[0m: \x1b[1mwandb sync /tmp/D/wandb/offline-run-x\x1b[0m\n"

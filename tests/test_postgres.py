@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import agent.store
+import agent.controller.store
 from agent.__main__ import main
-from agent.store import open_store
-from agent.runlog import find_run_file
+from agent.controller.store import open_store
+from agent.controller.runlog import find_run_file
 from tests.helpers import PROGRAMS, agent_command, fresh_env, run_dirs, wait_for
 
 pytestmark = pytest.mark.postgres
@@ -117,7 +117,7 @@ def test_a_store_that_cannot_be_used_is_one_line_and_nothing_is_made(tmp_path, p
                               f"{postgres.port} failed: FATAL: password authentication failed for user \"sweeps\"); "
                               "fix: set PGPASSWORD, or put the password in ~/.pgpass")
     assert refused(url, "s1", other).endswith(": holds sweep s1 made from another YAML; use a new --sweep-id")
-    monkeypatch.setattr(agent.store, "POSTGRES_MIN", 990000)
+    monkeypatch.setattr(agent.controller.store, "POSTGRES_MIN", 990000)
     assert refused(url).endswith(": PostgreSQL 15 is older than the store needs (99 or newer)")
     assert refused("mysql://sweeps@host/db") == ("agent local: --store='mysql://sweeps@host/db': expected "
                                                  "postgresql://USER@HOST[:PORT]/DB (without it, the store is SQLite, "

@@ -1,4 +1,4 @@
-"""agent.runlog against real offline W&B runs, each in a subprocess (no mocks)."""
+"""agent.controller.runlog against real offline W&B runs, each in a subprocess (no mocks)."""
 
 import math
 import shutil
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.runlog import BLOCK, RunLogReader, find_run_file
+from agent.controller.runlog import BLOCK, RunLogReader, find_run_file
 from tests.helpers import fresh_env, wait_for, wandb_reader
 
 pytestmark = pytest.mark.xdist_group("runlog")  # one xdist process: its finished run is made once

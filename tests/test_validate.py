@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from agent.errors import UsageError
-from agent.launch import create
-from agent.run import make_config
-from agent.validate import validate
+from agent.online.launch import create
+from agent.program.run import make_config
+from agent.program.validate import validate
 from tests.conftest import write_image_folder
 from tests.helpers import REPO
 
@@ -58,7 +58,7 @@ def problems(tmp_path, capsys, **changes) -> tuple[int, list[str]]:
      "W&B's sweep engine refuses it: Parameter lr is a disallowed type with grid search"),
     ({"command": None}, f"command: missing, and no program for W&B's default `${{env}} ${{interpreter}} "
                         f"${{program}} ${{args}}`; to run ours, {FIX}"),
-    ({"command": None, "program": "agent/run.py"}, "program: 'agent/run.py': not how our program starts"),
+    ({"command": None, "program": "agent/program/run.py"}, "program: 'agent/program/run.py': not how our program starts"),
     ({"command": None, "program": "-m agent run"}, "program: '-m agent run': not how our program starts"),
     ({"command": ["${interpreter} -m agent run ${args}"]}, "W&B replaces a macro only as a whole item"),
     ({"command": ["python", "-m agent run", "${args}"]}, "our program starts only as the items -m, agent, run"),
@@ -94,7 +94,7 @@ FORMS = {
     "args_no_equals": {"command": [*OURS, "${args_no_equals}"]},
     "-m ${program} run": {"command": ["${env}", "${interpreter}", "-m", "${program}", "run", "${args}"],
                           "program": "agent"},
-    "program agent/run.py": {"command": None, "program": "agent/run.py"},
+    "program agent/program/run.py": {"command": None, "program": "agent/program/run.py"},
     "one item": {"command": ["${env} ${interpreter} -m agent run ${args}"]},
 }
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from agent.runlog import find_run_file
+from agent.controller.runlog import find_run_file
 from tests.conftest import WARM
 from tests.helpers import (AGENT, QUICK_VAL, records_of, run_dirs, run_record, start_wandb_agent, validated_epochs,
                            wait_for)
@@ -29,10 +29,10 @@ PREEMPTED_EXIT = 128 + signal.SIGUSR1
 LAUNCHER = """\
 import sys
 import yaml
-import agent.launch
-agent.launch.agent_command = lambda sweep_path, count: {agent!r} + [{control!r}, "--forward-signals", sweep_path]
+import agent.online.launch
+agent.online.launch.agent_command = lambda sweep_path, count: {agent!r} + [{control!r}, "--forward-signals", sweep_path]
 # No W&B server here to ask for the sweep (tests/test_wandb_errors.py checks that part).
-agent.launch.Launcher.sweep_on_wandb = lambda self: ("RUNNING", yaml.safe_load(open({control!r} + "/sweep.yaml")))
+agent.online.launch.Launcher.sweep_on_wandb = lambda self: ("RUNNING", yaml.safe_load(open({control!r} + "/sweep.yaml")))
 from agent.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """

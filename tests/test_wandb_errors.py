@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import agent.launch as launch
+import agent.online.launch as launch
 from agent.__main__ import main
 from tests.fake_wandb import BAYES, KEY, isolated
 
@@ -60,7 +60,7 @@ def test_no_api_key_is_one_line_that_says_how_to_log_in(command, tmp_path, mocke
     assert not agent_starts.exists()
 
 
-@pytest.mark.parametrize("command", ["launch"])  # create and report take the same path (agent/wandb_errors.py)
+@pytest.mark.parametrize("command", ["launch"])  # create and report take the same path (agent/online/api.py)
 def test_unreachable_wandb_is_one_line_with_the_reason(command, tmp_path, mocker, agent_starts, capsys):
     url = f"http://127.0.0.1:{closed_port()}"
     isolated(tmp_path, mocker, WANDB_API_KEY=KEY, WANDB_BASE_URL=url)

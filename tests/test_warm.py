@@ -1,6 +1,6 @@
 """Warm trials: `python -m agent run` handed to a warm worker keeps everything a cold trial guarantees.
 
-One real worker (agent/warm.py, the session's `warm_worker`); each test starts trials through the real client
+One real worker (agent/program/warm.py, the session's `warm_worker`); each test starts trials through the real client
 (`python -m agent run` with AGENT_WARM_SOCKET) and reads back what each logged with W&B's own
 reader. Signals are sent once the trial's own log shows the epoch waited for. A stop (SIGTERM) and a
 preemption notice (SIGUSR1) through a warm worker, and the exit codes that come back, are tested where they
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.warm_client import WarmWorker
+from agent.program.handoff import WarmWorker
 from tests.conftest import WARM
 from tests.helpers import (QUICK_VAL, agent_command, fresh_env, leet_records, records_of, run_dirs, validated,
                            wait_for)
@@ -51,7 +51,7 @@ def final_model(run_dir: Path) -> dict:
 def trial_pid(worker: WarmWorker) -> int:
     """The worker's one running trial: a child forked from it (its other child is wandb-core)."""
     children = Path(f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children").read_text().split()
-    [pid] = [int(c) for c in children if b"agent.warm" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    [pid] = [int(c) for c in children if b"agent.program.warm" in Path(f"/proc/{c}/cmdline").read_bytes()]
     return pid
 
 
@@ -69,7 +69,7 @@ def test_the_client_imports_no_torch_and_each_trial_is_its_own_run(worker, tmp_p
                          env=fresh_env(tmp_path, WANDB_RUN_ID="warm01", AGENT_WARM_SOCKET=worker.socket))
     assert out.returncode == 0, out.stderr[-3000:]
     imported = [line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
-    assert "agent.warm_client" in imported and not {"torch", "wandb", "lightning"} & set(imported)
+    assert "agent.program.handoff" in imported and not {"torch", "wandb", "lightning"} & set(imported)
     # A thread per core in a trial forked from the one-thread worker: it must not hang in its first parallel op.
     second = start(worker, tmp_path, TRIVIAL, "warm02", default_threads=True)
     assert second.wait(timeout=120) == 0, second.stderr.read()[-3000:]

@@ -14,8 +14,8 @@ one `agent run` parses: ${args}, ${args_no_equals} or ${args_no_boolean_flags} (
 sweep's values reach the run through W&B's config all the same); ${args_no_hyphens},
 ${args_json} and the other forms are refused. A YAML that names our code in a form W&B cannot
 start gets the config checks too, and is refused with the command to use: `-m agent run` inside
-one item (W&B passes each item as one argument), or `agent/run.py`, `agent/__main__.py`,
-`agent` or `agent.run` as the program (W&B starts `python PROGRAM`: agent/run.py exits 0
+one item (W&B passes each item as one argument), or `agent/program/run.py`, `agent/__main__.py`,
+`agent` or `agent.program.run` as the program (W&B starts `python PROGRAM`: agent/program/run.py exits 0
 having trained nothing; the others lack the `run` command or the package on the path).
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from agent.engine import DEFAULT_COMMAND, engine_problems, schema_problems
+from agent.controller.engine import DEFAULT_COMMAND, engine_problems, schema_problems
 from agent.errors import UsageError, describe_validation_error, did_you_mean
 from cifar_core.config import LOGGED_METRICS, MONITORS, TrainConfig
 
@@ -43,10 +43,10 @@ USE_OUR_COMMAND = "use the command of sweeps/bayes.yaml, a block list: `command:
 FLAG_MACROS = ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags", "args_json", "args_json_file",
                "args_dict", "args_append_hydra", "args_override_hydra")
 MACROS = ("env", "interpreter", "program", *FLAG_MACROS)
-OUR_FLAGS = ("args", "args_no_equals", "args_no_boolean_flags")  # what agent/run.py's parse_flags reads
+OUR_FLAGS = ("args", "args_no_equals", "args_no_boolean_flags")  # what agent/program/run.py's parse_flags reads
 MACRO = re.compile(r"\$\{(\w+)\}")
 ENVVAR = re.compile(r"\$\{envvar:[A-Z0-9_]*\}")  # W&B substitutes these inside any item
-OUR_FILES = {("agent", "run.py"), ("agent", "__main__.py")}
+OUR_FILES = {("program", "run.py"), ("agent", "__main__.py")}
 
 
 def load_sweep(path: str) -> dict:
@@ -88,7 +88,7 @@ def command_items(sweep: dict) -> list[str]:
 
 
 def names_our_code(item: str) -> bool:
-    return any(Path(word).name == "agent" or Path(word).parts[-2:] in OUR_FILES or word == "agent.run"
+    return any(Path(word).name == "agent" or Path(word).parts[-2:] in OUR_FILES or word == "agent.program.run"
                for word in item.split())
 
 

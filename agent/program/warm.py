@@ -1,8 +1,8 @@
-"""A warm worker: `python -m agent.warm SOCKET`, one per GPU or CPU slot, started by `agent local`
+"""A warm worker: `python -m agent.program.warm SOCKET`, one per GPU or CPU slot, started by `agent local`
 and `agent launch` (which wait for it: the socket appears once it is ready).
 
 It imports torch, Lightning, wandb and the project once, then forks a fresh process per trial
-(agent/warm_client.py sends them): each trial is still a process of its own, with its own
+(agent/program/handoff.py sends them): each trial is still a process of its own, with its own
 signals, exit code, GPU memory and W&B run, but it starts in a fraction of a second instead of
 importing for several. What keeps a fork correct:
 - CUDA: nothing here may initialise it (no torch.cuda query, no Trainer, nothing on a GPU); a
@@ -27,7 +27,7 @@ import sys
 import traceback
 from importlib import import_module
 
-from agent.warm_client import MAX_MESSAGE, RELAYED
+from agent.program.handoff import MAX_MESSAGE, RELAYED
 
 ENV_AT_START = dict(os.environ)  # before torch and Lightning edit it
 IMPORT_TIME = ("PYTHON", "LD_", "TORCH", "PYTORCH_", "GOMP_", "MKL_", "OPENBLAS_", "CUDA_MODULE_")
@@ -39,7 +39,7 @@ def preload() -> None:
 
     torch.set_num_threads(1)  # before any tensor op: see the module docstring
     # What a trial imports, once (wandb.init imports wandb.sdk.launch...: 0.5 s a trial otherwise).
-    for module in ("agent.run", "cifar_core.train", "cifar_core.folder", "timm", "wandb.sdk.launch.inputs.internal"):
+    for module in ("agent.program.run", "cifar_core.train", "cifar_core.folder", "timm", "wandb.sdk.launch.inputs.internal"):
         import_module(module)
     import wandb.util
 
@@ -303,11 +303,11 @@ class Worker:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m agent.warm SOCKET", file=sys.stderr)
+        print("usage: python -m agent.program.warm SOCKET", file=sys.stderr)
         return 2
     preload()
     if not children_can_use_cuda():
-        print("agent.warm: a forked trial could not use CUDA here; trials run cold", file=sys.stderr)
+        print("agent.program.warm: a forked trial could not use CUDA here; trials run cold", file=sys.stderr)
         return 1
     core = WandbCore()
     core.for_next_trial()  # started now, off the first trial's clock

@@ -11,8 +11,8 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from agent.store import open_store
-from agent.trials import STATE_COLORS, Trial, best_trial, short, state_counts, sweep_metric, swept
+from agent.controller.store import open_store
+from agent.views.trials import STATE_COLORS, Trial, best_trial, short, state_counts, sweep_metric, swept
 
 
 def console() -> Console:

@@ -32,12 +32,12 @@ from rich.table import Table
 from torch import nn
 
 from agent.errors import UsageError
-from agent.run import make_config
-from agent.runlog import RunLogReader, find_run_files, history_row
-from agent.status import console
-from agent.store import is_local_target, open_store
-from agent.trials import best_trial, is_number, sweep_metric
-from agent.wandb_errors import find_sweep, first_line, wandb_api, wandb_errors
+from agent.program.run import make_config
+from agent.controller.runlog import RunLogReader, find_run_files, history_row
+from agent.views.status import console
+from agent.controller.store import is_local_target, open_store
+from agent.views.trials import best_trial, is_number, sweep_metric
+from agent.online.api import find_sweep, first_line, wandb_api, wandb_errors
 from cifar_core.checkpoints import BEST, checkpoint_dir, load_network
 from cifar_core.config import TrainConfig
 from cifar_core.evaluate import TTA

@@ -1,5 +1,5 @@
 """The plots of a sweep report: each a matplotlib Figure (Agg, no display), or None when there
-is nothing to draw yet. Used by agent/report.py."""
+is nothing to draw yet. Used by agent/views/report.py."""
 
 import math
 from collections import Counter
@@ -11,7 +11,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from agent.trials import STATE_COLORS, Trial, is_number, ranked, short
+from agent.views.trials import STATE_COLORS, Trial, is_number, ranked, short
 
 TOP_CURVES, MIN_FOR_IMPORTANCE = 5, 3
 # Below this many ranked trials a random forest's ranking (and a correlation) moves with every trial added.

@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from agent.errors import SWEEP_PATH, UsageError
-from agent.trials import LIVE, Trial
+from agent.views.trials import LIVE, Trial
 
 POINTER = "store.json"
 SCHEMA_LOCK = zlib.crc32(b"cifar-sweeps schema")  # PostgreSQL advisory lock key while the tables are made

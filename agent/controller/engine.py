@@ -71,7 +71,7 @@ def trial_command(sweep: dict, params: dict, args_json_file: Path) -> list[str]:
 
 
 def as_sweep_run(trial, metric: str | None) -> "sweeps.SweepRun":
-    """A trial (agent.trials.Trial) as the engine reads a run."""
+    """A trial (agent.views.trials.Trial) as the engine reads a run."""
     history = [{metric: v} for v in trial.history] if metric else []
     summary = {metric: trial.metric} if metric and trial.metric is not None else {}
     return sweeps.SweepRun(name=trial.id, state=ENGINE_STATES.get(trial.state, trial.state),

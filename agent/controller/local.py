@@ -5,7 +5,7 @@ package); each trial is the YAML's `command`, expanded with W&B's own macro code
 and started with the environment `wandb agent` gives (WANDB_SWEEP_ID,
 WANDB_RUN_ID, WANDB_SWEEP_PARAM_PATH), offline, with its run under DIR/wandb.
 Trials report through what they log: the controller reads each offline run's
-transaction log while it is written. State is in DIR/sweep.db (agent/store.py).
+transaction log while it is written. State is in DIR/sweep.db (agent/controller/store.py).
 """
 
 import ctypes
@@ -23,15 +23,15 @@ from pathlib import Path
 from wandb.sdk.lib import config_util
 from wandb.sdk.lib.runid import generate_id
 
-from agent.engine import as_sweep_run, engine_config, plain, sweeps, trial_command
+from agent.controller.engine import as_sweep_run, engine_config, plain, sweeps, trial_command
 from agent.errors import UsageError
 from agent.install import this_python_first
-from agent.outcome import environment_error, outcome, own_error
-from agent.runlog import RunLogReader, find_run_file
-from agent.status import SweepView
-from agent.store import Store, sqlite_url, write_pointer
-from agent.trials import LIVE, Trial, is_number, state_counts, sweep_metric
-from agent.warm_client import READY_TIMEOUT, WarmWorker
+from agent.controller.outcome import environment_error, outcome, own_error
+from agent.controller.runlog import RunLogReader, find_run_file
+from agent.views.status import SweepView
+from agent.controller.store import Store, sqlite_url, write_pointer
+from agent.views.trials import LIVE, Trial, is_number, state_counts, sweep_metric
+from agent.program.handoff import READY_TIMEOUT, WarmWorker
 
 POLL_SECONDS = 0.5
 REAP_SECONDS = 5.0  # how often the controllers of other boxes are checked on: their trials crash with them
@@ -124,7 +124,7 @@ class Running:
 
 
 class LocalSweep:
-    """`warm`: a warm worker per slot (agent/warm.py; our program only). `resumes`: the program continues a
+    """`warm`: a warm worker per slot (agent/program/warm.py; our program only). `resumes`: the program continues a
     requeued trial from its saved state (ours): a pause sends it a preemption notice, and its metric history
     goes on. `on_trial_end(DIR)`: called as each trial ends (the report: --report); its last return value is
     printed last."""

@@ -24,14 +24,14 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from agent.outcome import diverged
-from agent.plots import importance, importance_chart, learning_curves, metric_over_trials, parallel_coordinates
-from agent.runlog import RunLogReader, find_run_file
-from agent.status import TrialTable, console, summary_line
-from agent.store import is_local_target, open_store
-from agent.trials import (STATE_COLORS, STATES, Trial, best_trial, is_number, ranked, short, state_counts,
+from agent.controller.outcome import diverged
+from agent.views.plots import importance, importance_chart, learning_curves, metric_over_trials, parallel_coordinates
+from agent.controller.runlog import RunLogReader, find_run_file
+from agent.views.status import TrialTable, console, summary_line
+from agent.controller.store import is_local_target, open_store
+from agent.views.trials import (STATE_COLORS, STATES, Trial, best_trial, is_number, ranked, short, state_counts,
                           sweep_metric, swept)
-from agent.wandb_errors import find_sweep, wandb_api
+from agent.online.api import find_sweep, wandb_api
 from cifar_core.predictions import parse_caption
 
 IMAGE_NAME = re.compile(r"examples_(\d+)_[0-9a-f]+\.png")

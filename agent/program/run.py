@@ -123,7 +123,7 @@ DATA_FIELDS = ("dataset", "data_dir", "image_size", "cache_dir", "model", "pretr
 def prepare_sweep(sweep: dict) -> None:
     """The data of a sweep of our program, prepared once before its first trials (not by each at once), or
     one line saying what is wrong. Ranges are left to the trials (they share the same lock)."""
-    from agent.validate import candidate_values
+    from agent.program.validate import candidate_values
 
     parameters = sweep.get("parameters") or {}
     choices = [candidate_values(parameters[name]) if name in parameters else [None] for name in DATA_FIELDS]

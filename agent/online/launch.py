@@ -22,9 +22,9 @@ from pathlib import Path
 
 from agent.errors import SWEEP_PATH, UsageError
 from agent.install import this_python_first
-from agent.validate import load_sweep, runs_our_program, sweep_problems
-from agent.wandb_errors import find_sweep, wandb_api
-from agent.warm_client import READY_TIMEOUT, WarmWorker
+from agent.program.validate import load_sweep, runs_our_program, sweep_problems
+from agent.online.api import find_sweep, wandb_api
+from agent.program.handoff import READY_TIMEOUT, WarmWorker
 from cifar_core.config import default_project
 
 RUN_STARTED = re.compile(r"Agent Starting Run: (\w+)")
@@ -121,7 +121,7 @@ class Launcher:
         self.forwarded = False  # whether the agents have been told
         self.relays: list[threading.Thread] = []
         self.lock = threading.Lock()
-        self.warm = warm  # a warm worker per agent, if the sweep runs our program (agent/warm.py)
+        self.warm = warm  # a warm worker per agent, if the sweep runs our program (agent/program/warm.py)
 
     def env(self, slot: AgentSlot) -> dict:
         env = this_python_first(dict({"WANDB_AGENT_KILL_DELAY": KILL_DELAY}, **os.environ))

@@ -3,7 +3,7 @@ to its slot's worker.
 
 Standard library only, imported before anything else by agent/__main__.py: a trial that finds
 its slot's worker (AGENT_WARM_SOCKET, set by `agent local` and `agent launch`) starts training in
-a process forked from one that has imported torch, Lightning and wandb already (agent/warm.py),
+a process forked from one that has imported torch, Lightning and wandb already (agent/program/warm.py),
 instead of spending seconds importing them. The request carries argv, environment, working
 directory, umask, CPU affinity and this process's stdin/stdout/stderr (as file descriptors), so
 the trial writes where this process would have. This process stays the trial to whoever started
@@ -44,14 +44,14 @@ def _stop_with_parent():
 
 
 class WarmWorker:
-    """`python -m agent.warm` for one slot, its output in `log`. Socket paths are short (the kernel
+    """`python -m agent.program.warm` for one slot, its output in `log`. Socket paths are short (the kernel
     allows 108 bytes), so they live in a temporary folder, not in the sweep's."""
 
     def __init__(self, name: str, env: dict, log: Path):
         self.folder = tempfile.mkdtemp(prefix="agent-warm-")
         self.socket = os.path.join(self.folder, f"{name}.sock")
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "agent.warm", self.socket], env=env, stdout=out,
+            self.proc = subprocess.Popen([sys.executable, "-m", "agent.program.warm", self.socket], env=env, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                          preexec_fn=_stop_with_parent)
 
