@@ -13,7 +13,9 @@
 import os
 import sys
 
-if __name__ == "__main__" and sys.argv[1:2] == ["run"] and os.environ.get("AGENT_WARM_SOCKET"):
+from agent.contract import STORE_ENV, WARM_SOCKET_ENV
+
+if __name__ == "__main__" and sys.argv[1:2] == ["run"] and os.environ.get(WARM_SOCKET_ENV):
     # A warm worker for this slot (agent local, agent launch): the trial starts in a process that has
     # imported torch, Lightning and wandb already. This one imports only the standard library.
     from agent.program.handoff import run_warm
@@ -26,7 +28,6 @@ import atexit  # noqa: E402
 import math  # noqa: E402
 import shlex  # noqa: E402
 import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from agent.errors import RunEndedEarly, UsageError  # noqa: E402
 
@@ -61,12 +62,14 @@ def seconds(text: str) -> float:
 
 
 def run_command(args) -> int:
-    from agent.program.run import config_help, run
-
     if args.help:
+        from agent.program.flags import config_help
+
         args.print_help()
         print("\n" + config_help())
         return 0
+    from agent.program.run import run
+
     result = run(args.flags)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return 0
@@ -76,9 +79,6 @@ def validate_command(args) -> int:
     from agent.program.validate import validate
 
     return validate(args.files)
-
-
-STORE_ENV = "AGENT_STORE"  # a PostgreSQL store for every `agent local` of the shell, as --store
 
 
 def write_report(directory):
@@ -102,12 +102,12 @@ def command_line(argv: list[str]) -> str:
 def local_command(args) -> int:
     """The controller runs any W&B program; what is ours (the config checks, the data, warm workers that
     import our code, resumable trials) is decided here."""
+    from agent.controller.local import LocalSweep, Options
+    from agent.controller.opened import open_sweep, progress, same_sweep
     from agent.install import pair_problem
     from agent.online.launch import parse_gpus
-    from agent.controller.local import LocalSweep, open_sweep, progress, sweeps_of, work_left
-    from agent.views.status import SweepView
-    from agent.controller.store import open_store
     from agent.program.validate import load_sweep, runs_our_program, sweep_problems
+    from agent.views.status import SweepView
 
     if args.gpus_per_trial > 1 and not args.gpus:
         raise UsageError("--gpus-per-trial needs --gpus (without GPUs, set the config's devices in the YAML)")
@@ -122,37 +122,34 @@ def local_command(args) -> int:
     if args.new and (args.dir or args.sweep_id):
         raise UsageError("--new starts a sweep in a new ./sweeps-local/SWEEP_ID: leave out --dir and --sweep-id")
     directory = args.dir
-    if not (directory or store_url or args.new):  # the same command again resumes this YAML's sweep
-        earlier = sweeps_of(sweep)
-        directory = next((str(d) for d in earlier if work_left(open_store(str(d)).trials(), sweep, args.count,
-                                                               args.retry_crashed)), None)
-        if directory is None and earlier:
-            trials = open_store(str(earlier[0])).trials()
-            print(f"sweep {earlier[0].name} of this YAML ({earlier[0]}) is finished: "
-                  f"{progress(trials, sweep, args.count)}; for more trials, raise --count (the total across runs), "
-                  f"or start another sweep of it: {command_line([*args.argv, '--new'])}")
+    if not (directory or store_url or args.new) and (same := same_sweep(sweep, args.count, args.retry_crashed)):
+        folder, trials, work_left = same  # the same command again goes on with this YAML's sweep
+        if not work_left:
+            print(f"sweep {folder.name} of this YAML ({folder}) is finished: {progress(trials, sweep, args.count)}; "
+                  f"for more trials, raise --count (the total across runs), or start another sweep of it: "
+                  f"{command_line([*args.argv, '--new'])}")
             return 0
-        if directory is not None:
-            print(f"resuming sweep {Path(directory).name} ({directory}): "
-                  f"{progress(open_store(directory).trials(), sweep, args.count)}; --new starts another", flush=True)
+        print(f"resuming sweep {folder.name} ({folder}): {progress(trials, sweep, args.count)}; --new starts another",
+              flush=True)
+        directory = str(folder)
     ours = runs_our_program(sweep)
     if problem := pair_problem():
         if ours:
             raise UsageError(f"the sweep's program cannot run here: {problem}")
         print(f"agent local: warning: {problem}", file=sys.stderr)
     if ours:
-        from agent.program.run import prepare_sweep
+        from agent.program.inputs import prepare_sweep
 
         prepare_sweep(sweep)
-    store, sweep_id, root = open_sweep(sweep, directory, args.sweep_id, store_url)
-    if store.postgres:
-        print(f"sweep {sweep_id} in {store.where()}; on other boxes: python -m agent local {args.sweep} --store "
-              f"{store.where()} --sweep-id {sweep_id} --dir {root.resolve()}", flush=True)
-    return LocalSweep(store=store, sweep_id=sweep_id, sweep=sweep, root=root, gpus=gpus, count=args.count,
-                      retry_crashed=args.retry_crashed, max_consecutive_failures=args.max_consecutive_failures,
-                      grace=args.grace, view=SweepView(sweep_id, sweep, root), warm=ours and not args.cold,
-                      resumes=ours, on_trial_end=write_report if args.report else None,
-                      resume_command=command_line([a for a in args.argv if a != "--new"])).run()
+    opened = open_sweep(sweep, directory, args.sweep_id, store_url)
+    if opened.store.postgres:
+        print(f"sweep {opened.sweep_id} in {opened.store.where()}; on other boxes: python -m agent local {args.sweep} "
+              f"--store {opened.store.where()} --sweep-id {opened.sweep_id} --dir {opened.root.resolve()}", flush=True)
+    options = Options(gpus, args.count, args.retry_crashed, args.max_consecutive_failures, args.grace,
+                      warm=ours and not args.cold, resumes=ours,
+                      resume_command=command_line([a for a in args.argv if a != "--new"]))
+    view = SweepView(opened.sweep_id, sweep, opened.root)
+    return LocalSweep(opened, options, view, on_trial_end=write_report if args.report else None).run()
 
 
 def status_command(args) -> int:
@@ -185,7 +182,7 @@ def best_command(args) -> int:
     from agent.controller.store import is_local_target
 
     is_local_target(args.target)  # a wrong TARGET is told before torch loads
-    from agent.views.best import best
+    from agent.program.use import best
 
     return best(args.target, args.evaluate, args.export)
 

@@ -11,6 +11,10 @@ from pydantic import ValidationError
 SWEEP_PATH = re.compile(r"[^/\s]+/[^/\s]+/[^/\s]+")
 
 
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class UsageError(Exception):
     """Bad input from the user (flag, file, value); exits 2 with its message."""
 

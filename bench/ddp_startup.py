@@ -8,7 +8,7 @@ Per trial, from its run's summary: start-up (process start to training: imports,
 time to the first training step; and the wall time of the whole trial (2 batches, validation, test pass).
 On a GPU box the same command measures GPUs (devices=2 uses two when it sees them).
 
-Last measured: see the README ("A trial on several GPUs").
+Last measured: docs/performance.md ("A trial on two devices: start-up").
 """
 
 import argparse

@@ -68,10 +68,11 @@ def trial(config) -> dict:
     import wandb
 
     from agent.controller.runlog import RunLogReader
-    from cifar_core.train import train
+    from agent.program.run import SignalRequests, logged_run
 
     stamp = FirstStep()
-    result = train(config, callbacks=[stamp])
+    with SignalRequests() as requests:
+        result = logged_run(config, requests, [stamp])
     wandb.teardown()
     [log] = Path(result["best_checkpoint"]).parent.parent.glob("*.wandb")
     reader = RunLogReader(log)
@@ -82,13 +83,13 @@ def trial(config) -> dict:
 
 
 def ours_rate(config, batches: int) -> float:
-    from cifar_core.data import TensorBatches, datamodule_for
+    from cifar_core.data import ImageDataModule, TensorBatches
     from cifar_core.model import create_model
 
-    data = datamodule_for(config)
+    data = ImageDataModule(config)
     data.setup()
     data.trainer = type("Training", (), {"training": True, "current_epoch": 0})()  # what the augmentation asks
-    normalize = create_model(config.model, num_classes=10).normalize
+    normalize = create_model(config, num_classes=10).normalize
     start, seen = time.perf_counter(), 0
     for i, batch in enumerate(TensorBatches(data.train_set, BATCH, shuffle=True, seed=config.seed)):
         images, _ = data.on_after_batch_transfer(batch, 0)

@@ -24,7 +24,7 @@ Evaluation time is never counted; nothing stops on the test set.
 
 Last measured (2 CPU cores, AMD EPYC with AVX2, no GPU, bundled JPEG copy of CIFAR-10): the seed, 2 epochs,
 54.9% in 187.3 s of training; CPU_PRESET 56.1% mean over 3 seeds in 9.0 s, 20.7x sooner; RESNET9_CPU 57.8% in
-17.5 s (10.7x). The GPU comparison has not been run yet (no GPU). Details: README "Performance".
+17.5 s (10.7x). The GPU comparison has not been run yet (no GPU). Details: docs/performance.md.
 """
 
 import argparse
@@ -96,12 +96,14 @@ class TrainClock(pl.Callback):
 def data_throughput(data_dir: str, batches: int = 300) -> dict:
     from bench.seed_pipeline import SeedDataModule
     from cifar_core.augment import augment_batch
+    from cifar_core.config import TrainConfig
     from cifar_core.data import ImageDataModule
-    from cifar_core.model import SEED_MEAN, SEED_STD, Network
+    from cifar_core.model import Network
+    from cifar_core.networks import SEED_MEAN, SEED_STD
 
     seed = SeedDataModule(batch_size=32, data_dir=data_dir)
     seed.setup()
-    ours = ImageDataModule(data_dir=data_dir, batch_size=32, augment=True)
+    ours = ImageDataModule(TrainConfig(data_dir=data_dir, batch_size=32, augment=True))
     ours.setup()
     normalize = Network(torch.nn.Identity(), SEED_MEAN, SEED_STD).normalize  # what our networks do first
     rates = {}
@@ -151,14 +153,14 @@ def trial_child(which: str, data_dir: str, phase: str):
         trainer.fit(SeedLitModel(), dm)
         trainer.test(dataloaders=dm.test_dataloader())
         wandb.finish()
-    else:  # what `python -m agent run` does: wandb.init, then train()
+    else:  # what `python -m agent run` does: a W&B run around train()
+        from agent.program.run import SignalRequests, logged_run
         from cifar_core.config import TrainConfig
-        from cifar_core.train import train
 
-        config = TrainConfig(data_dir=data_dir, limit_train_batches=limit, max_epochs=2 if phase == "start" else 1)
-        run = wandb.init(project="bench", config=config.model_dump())
-        train(config, callbacks=[Stamp()])
-        run.finish()
+        config = TrainConfig(data_dir=data_dir, limit_train_batches=limit, max_epochs=2 if phase == "start" else 1,
+                             project="bench")
+        with SignalRequests() as requests:
+            logged_run(config, requests, [Stamp()])
 
 
 def trial_overhead(data_dir: str, tmp: Path) -> tuple[dict, dict]:
@@ -192,11 +194,12 @@ def seed_two_epochs(data_dir: str) -> tuple[float, float]:
 
 def ours_in_a_trial(data_dir: str, preset: dict, seed: int) -> tuple[float, float]:
     """(test accuracy, training seconds) of one normal trial: train() with offline W&B, checkpoints, artifact."""
+    from agent.program.run import SignalRequests, logged_run
     from cifar_core.config import TrainConfig
-    from cifar_core.train import train
 
     clock = TrainClock()
-    result = train(TrainConfig(data_dir=data_dir, seed=seed, **preset), callbacks=[clock])
+    with SignalRequests() as requests:
+        result = logged_run(TrainConfig(data_dir=data_dir, seed=seed, **preset), requests, [clock])
     return result["test_acc"], clock.seconds
 
 
@@ -247,7 +250,8 @@ def airbench94_reference(data_dir: str, runs: int, folder: Path) -> dict | None:
             seconds.append(float(row[6]))
     finally:
         os.chdir(here)
-    return {"accs": accs, "seconds": seconds, "acc_mean": statistics.mean(accs), "seconds_mean": statistics.mean(seconds)}
+    return {"accs": accs, "seconds": seconds,
+            "acc_mean": statistics.mean(accs), "seconds_mean": statistics.mean(seconds)}
 
 
 def main():

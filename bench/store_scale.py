@@ -9,7 +9,7 @@ engine in a claim transaction, the trial's process, its state changes) is run to
   overhead_per_trial  seconds of a slot per trial, less the trial's own run time (what the store and the
                       controller cost it)
 The PostgreSQL server is started here (Debian's postgresql), as the tests start theirs.
-Last measured: see the README ("A sweep across a cluster with no internet").
+Last measured: docs/performance.md ("The shared store").
 """
 
 import argparse

@@ -18,7 +18,7 @@ synthetic data, ResNet-9 at width 8, 1 epoch of 2 batches, a grid over seeds. Re
 
 Last measured (2 CPU cores, no GPU, the trivial trial): `--trials 5`: a trial 6.56 s cold, 1.20 s
 warm (5.4x), overhead 5.95 s against 0.56 s; `--trials 10 --workers 2`: 7.82 s against 1.47 s.
-Table: README "Warm trials".
+Table: docs/performance.md ("Warm trials").
 """
 
 import argparse
@@ -90,7 +90,8 @@ def measure(sweep_file: Path, trials: int, slots: list[str], cold: bool, root: P
         phases = {p: logged[f"trial/{p}_s"] for p in PHASES}
         # start-up includes wandb.init (shown apart as well)
         phases["finish_and_exit"] = trial["duration_s"] - sum(v for p, v in phases.items() if p != "wandb_init")
-        per_trial.append({"trial_s": trial["duration_s"], "overhead_s": trial["duration_s"] - phases["fit"] - phases["test"],
+        per_trial.append({"trial_s": trial["duration_s"],
+                          "overhead_s": trial["duration_s"] - phases["fit"] - phases["test"],
                           "phases_s": phases, "state": trial["state"]})
     result = {
         "sweep_s": sweep_s, "trials_per_hour": trials / sweep_s * 3600,
@@ -125,7 +126,8 @@ def main():
         for mode in ("cold", "warm"):
             results[mode] = measure(sweep_file, args.trials, slots, mode == "cold", root)
     cold, warm = results["cold"], results["warm"]
-    print(f"{'':28} {'cold':>9} {'warm':>9} {'ratio':>7}   ({results['machine']}, {args.trials} trials, {' '.join(slots)})")
+    print(f"{'':28} {'cold':>9} {'warm':>9} {'ratio':>7}   "
+          f"({results['machine']}, {args.trials} trials, {' '.join(slots)})")
     for key, label in (("sweep_s", "sweep wall time, s"), ("mean_trial_s", "mean trial wall time, s"),
                        ("mean_overhead_s", "mean per-trial overhead, s")):
         print(f"{label:28} {cold[key]:9.2f} {warm[key]:9.2f} {cold[key] / warm[key]:6.1f}x")

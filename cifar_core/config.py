@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cifar_core.fetch import default_data_dir
+
 
 def default_project() -> str:
     """The W&B project of a run, or of a new sweep, that names none."""
@@ -26,13 +28,6 @@ def default_project() -> str:
 MONITORS = {"val_acc": "max", "val_loss": "min"}
 LOGGED_METRICS = ("train_loss_step", "train_loss_epoch", "train_acc_step", "train_acc_epoch",
                   "val_loss", "val_acc", "test_loss", "test_acc")
-DATA_DIR_ENV = "CIFAR10_DATA_DIR"
-
-
-def default_data_dir() -> str:
-    return os.environ.get(DATA_DIR_ENV) or "data"
-
-
 def default_cache_dir() -> str:
     return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifar-sweeps")
 

@@ -148,57 +148,44 @@ class _Gather(Dataset):
         return len(self.split)
 
 
-def datamodule_for(config: TrainConfig) -> "ImageDataModule":
-    """The data of a run of `config`."""
-    return ImageDataModule(data_dir=config.data_dir, dataset=config.dataset, batch_size=config.batch_size,
-                           val_fraction=config.val_fraction, augment=config.augment, flip=config.flip,
-                           translate=config.translate, num_workers=config.num_workers, seed=config.seed,
-                           image_size=config.resolution, cache_dir=config.cache_dir, crop_scale=config.crop_scale)
-
-
 class ImageDataModule(pl.LightningDataModule):
-    """Training augmentation: `augment`, a random-resized-crop (area down to `crop_scale`) and flip for an
-    image folder, CIFAR's random crop (pad 4, black) and flip otherwise. Else `translate` (pixels, reflect
-    padding) and `flip`: random, or alternating (each image flipped at random in the first epoch, then
-    the other way round in each next one, so two epochs see both sides of every image). Evaluation: the
-    centre image_size crop."""
+    """The data of a run of `config`. Training augmentation: `augment`, a random-resized-crop (area down to
+    `crop_scale`) and flip for an image folder, CIFAR's random crop (pad 4, black) and flip otherwise. Else
+    `translate` (pixels, reflect padding) and `flip`: random, or alternating (each image flipped at random in
+    the first epoch, then the other way round in each next one, so two epochs see both sides of every image).
+    Evaluation: the centre image_size crop."""
 
-    def __init__(self, data_dir: str = "data", dataset: str = "cifar10", batch_size: int = 32,
-                 val_fraction: float = 0.1, augment: bool = False, flip: str = "none", translate: int = 0,
-                 num_workers: int = 0, seed: int = 0, image_size: int = 32, cache_dir: str = ".",
-                 crop_scale: float = 0.35):
+    def __init__(self, config: TrainConfig):
         super().__init__()
-        self.data_dir, self.dataset, self.batch_size = Path(data_dir), dataset, batch_size
-        self.val_fraction, self.seed, self.num_workers = val_fraction, seed, num_workers
-        self.augment, self.flip, self.translate, self.crop_scale = augment, flip, translate, crop_scale
-        self.image_size, self.cache_dir = image_size, cache_dir
+        self.config, self.data_dir, self.batch_size = config, Path(config.data_dir), config.batch_size
         self.classes: tuple[str, ...] = CIFAR10_CLASSES
         self.notes: dict = {}  # what the run's summary says of its data: split sizes, files left out
         self.load_seconds = 0.0
         self.train_set = self.val_set = self.test_set = None
 
     def prepare_data(self):
-        if self.dataset in ARCHIVES:
-            fetch(self.dataset, self.data_dir)
+        if self.config.dataset in ARCHIVES:
+            fetch(self.config.dataset, self.data_dir)
 
     def load(self) -> None:
         """The splits, on the CPU; the classes are known after it."""
         if self.train_set is not None:
             return
         began = time.perf_counter()
-        generator = torch.Generator().manual_seed(self.seed)
-        if self.dataset == "imagefolder":
+        config = self.config
+        generator = torch.Generator().manual_seed(config.seed)
+        if config.dataset == "imagefolder":
             self.train_set, self.val_set, self.test_set = self._folder_splits()
         else:
-            if self.dataset == "synthetic":
-                (images, labels), test = synthetic_splits(self.seed)
+            if config.dataset == "synthetic":
+                (images, labels), test = synthetic_splits(config.seed)
             else:
-                root = self.data_dir / ARCHIVES[self.dataset].folder
-                self.classes = read_class_names(root, self.dataset)
-                (images, labels), test = read_all(root, self.dataset)
-            n_val = round(len(labels) * self.val_fraction)
+                root = self.data_dir / ARCHIVES[config.dataset].folder
+                self.classes = read_class_names(root, config.dataset)
+                (images, labels), test = read_all(root, config.dataset)
+            n_val = round(len(labels) * config.val_fraction)
             if not 0 < n_val < len(labels):
-                raise DatasetError(f"val_fraction={self.val_fraction} leaves no train or no val images "
+                raise DatasetError(f"val_fraction={config.val_fraction} leaves no train or no val images "
                                    f"out of {len(labels)}")
             order = torch.randperm(len(labels), generator=generator)
             self.train_set = Split(images[order[n_val:]], labels[order[n_val:]])
@@ -211,20 +198,21 @@ class ImageDataModule(pl.LightningDataModule):
         self.load_seconds = time.perf_counter() - began
 
     def _folder_splits(self) -> tuple[Split, Split, Split]:
-        folder = load_folder(self.data_dir, self.image_size, self.cache_dir)
+        config = self.config
+        folder = load_folder(self.data_dir, config.resolution, config.cache_dir)
         self.classes = folder.classes
         images, labels = torch.from_numpy(folder.images), torch.from_numpy(folder.labels)
-        evaluated = center_crop(images, self.image_size)
+        evaluated = center_crop(images, config.resolution)
         splits = {name: torch.arange(*rows) for name, rows in folder.splits.items()}
         if "val" in splits:
             train, val = splits["train"], splits["val"]
         else:
-            train, val = stratified_rows(folder.labels[splits["train"].numpy()], self.val_fraction, self.seed)
+            train, val = stratified_rows(folder.labels[splits["train"].numpy()], config.val_fraction, config.seed)
             train, val = splits["train"][train], splits["train"][val]
         test = splits.get("test", val)
         self.notes = {"data/test_split": "test" if "test" in splits else "val (no test/ folder)",
                       "data/skipped_files": len(folder.skipped), "data/ignored_files": folder.ignored}
-        return (Split(images if self.augment else evaluated, labels, train), Split(evaluated, labels, val),
+        return (Split(images if config.augment else evaluated, labels, train), Split(evaluated, labels, val),
                 Split(evaluated, labels, test))
 
     def setup(self, stage: str | None = None):
@@ -250,28 +238,30 @@ class ImageDataModule(pl.LightningDataModule):
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     def train_dataloader(self):
-        return TensorBatches(self.train_set, self.batch_size, True, self.seed, self.num_workers,
+        return TensorBatches(self.train_set, self.batch_size, True, self.config.seed, self.config.num_workers,
                              self.training_position, self.shard(), even=True)
 
     def val_dataloader(self):  # each rank its share; the metrics are reduced over the ranks
-        return TensorBatches(self.val_set, self.batch_size, False, num_workers=self.num_workers, shard=self.shard())
+        return TensorBatches(self.val_set, self.batch_size, False, num_workers=self.config.num_workers,
+                             shard=self.shard())
 
     def test_dataloader(self):
-        return TensorBatches(self.test_set, self.batch_size, False, num_workers=self.num_workers)
+        return TensorBatches(self.test_set, self.batch_size, False, num_workers=self.config.num_workers)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels, index = batch
         if self.trainer is None or not self.trainer.training:
             return images, labels
-        if self.augment and self.dataset == "imagefolder":
-            images = resized_crop_flip_batch(images, self.image_size, self.crop_scale)
-        elif self.augment:  # on uint8: a quarter of the bytes
+        config = self.config
+        if config.augment and config.dataset == "imagefolder":
+            images = resized_crop_flip_batch(images, config.resolution, config.crop_scale)
+        elif config.augment:  # on uint8: a quarter of the bytes
             images = augment_batch(images)
-        if self.flip != "none" or self.translate:
+        if config.flip != "none" or config.translate:
             flip = None
-            if self.flip == "random":
+            if config.flip == "random":
                 flip = torch.rand(len(index), device=images.device) < 0.5
-            elif self.flip == "alternating":
+            elif config.flip == "alternating":
                 flip = self.first_flips[index.to(self.first_flips.device)] ^ bool(self.trainer.current_epoch % 2)
-            images = translate_flip_batch(images, self.translate, flip)
+            images = translate_flip_batch(images, config.translate, flip)
         return images, labels

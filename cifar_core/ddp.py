@@ -11,8 +11,9 @@ MASTER_PORT). They start cold: a fork of the trial, which has started W&B's thre
 - Each rank trains its shard of every epoch (data.TensorBatches); validation metrics are reduced over
   the ranks; rank 0 alone logs, saves checkpoints and the best model, and runs the test pass (over the
   whole test set, on its device: it is not distributed).
-- Every rank listens for signals, and at each batch and epoch end the ranks agree on the strongest
-  request (checkpoints.agreed): a stop or a preemption ends fit at the same batch on all of them.
+- Rank 0 listens for what its caller listens for (ranks 1..N-1 ignore those signals, from their start),
+  and at each batch and epoch end the ranks agree on the strongest request (ending.agreed): a stop or a
+  preemption ends fit at the same batch on all of them.
 - A rank that dies (out of memory, kill -9) ends the trial at once: rank 0's watchdog says which, and
   the run fails; ranks 1..N-1 die with rank 0 (PR_SET_PDEATHSIG).
 """
@@ -31,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cifar_core.config import TrainConfig
+from cifar_core.ending import Requests
+from cifar_core.record import Record
 
 WATCH_SECONDS = 0.2
 # After a rank died: how long rank 0 may take to fail by itself (gloo does at once; NCCL can wait in a
@@ -56,8 +59,13 @@ def digest(config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(config.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _die_with_rank_0():
+def _rank_start(ignored: list[int]) -> None:
+    """In a rank's process, before it runs Python: it dies with rank 0, and ignores what rank 0 listens to
+    (an ignored signal stays ignored across exec), so that a signal to the trial's group during its imports
+    does not kill it."""
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    for signum in ignored:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _free_port() -> int:
@@ -73,10 +81,10 @@ class Ranks:
     `on_death(message)`, which must end the process."""
 
     def __init__(self, config: TrainConfig, devices: int, resume_from: Path | None, checkpoints: Path,
-                 on_death: Callable[[str], None]):
+                 signals: tuple[int, ...], on_death: Callable[[str], None]):
         self.config, self.devices, self.on_death = config, devices, on_death
         self.spec = {"config": config.model_dump(), "resume_from": str(resume_from) if resume_from else None,
-                     "checkpoints": str(checkpoints)}
+                     "checkpoints": str(checkpoints), "ignored_signals": [int(s) for s in signals]}
         self.procs: list[subprocess.Popen] = []
         self.over = threading.Event()
         self.death: str | None = None
@@ -95,7 +103,8 @@ class Ranks:
         for rank in range(1, self.devices):
             env = {**os.environ, **shared, "LOCAL_RANK": str(rank)}
             self.procs.append(subprocess.Popen([sys.executable, "-m", "cifar_core.ddp", name], env=env,
-                                               stdin=subprocess.DEVNULL, preexec_fn=_die_with_rank_0))
+                                               stdin=subprocess.DEVNULL,
+                                               preexec_fn=lambda: _rank_start(self.spec["ignored_signals"])))
         for key, value in {**shared, "LOCAL_RANK": "0"}.items():
             self.saved_env[key] = os.environ.get(key)
             os.environ[key] = value
@@ -154,27 +163,40 @@ class Ranks:
             raise RankDied(self.death) from None
 
 
+class FollowRankZero(Requests):
+    """The requests of ranks 1..N-1: none of their own. The signals rank 0 listens to reach the whole process
+    group (a terminal's Ctrl-C, `agent local`'s stop), or rank 0 alone (W&B's agent); these ranks ignore them,
+    and learn rank 0's request at the next batch (ending.agreed)."""
+
+    def __init__(self, signals: list[int]):
+        super().__init__()
+        self.signals = tuple(signals)
+
+    def listen(self) -> None:
+        for signum in self.signals:  # again once fit starts: Lightning put its SIGTERM handler in place
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def main(argv: list[str]) -> int:
-    """Rank LOCAL_RANK of a trial: the fit of rank 0's config, nothing logged, nothing tested."""
+    """Rank LOCAL_RANK of a trial: the fit of rank 0's config, nothing reported, nothing tested."""
     spec = json.loads(Path(argv[0]).read_text())
     config, rank = TrainConfig(**spec["config"]), int(os.environ["LOCAL_RANK"])
+    requests = FollowRankZero(spec["ignored_signals"])
     print(f"rank {rank} of {os.environ['WORLD_SIZE']}: config {digest(config)} from rank 0", file=sys.stderr,
           flush=True)
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from cifar_core.stopping import StopRequests
-    from cifar_core.train import make_fit
+    from cifar_core.fit import make_fit
 
-    with StopRequests() as requests:
-        fit = make_fit(config, None, requests, (), Path(spec["checkpoints"]), int(os.environ["WORLD_SIZE"]))
-        try:
-            fit.trainer.fit(fit.system, datamodule=fit.datamodule, ckpt_path=spec["resume_from"], weights_only=True)
-        except SIGTERMException:  # a stop or a preemption the ranks agreed on: rank 0 says what it was
-            pass
-        import torch.distributed as dist
+    fit = make_fit(config, Record(), requests, (), Path(spec["checkpoints"]), int(os.environ["WORLD_SIZE"]))
+    try:
+        fit.trainer.fit(fit.system, datamodule=fit.datamodule, ckpt_path=spec["resume_from"], weights_only=True)
+    except SIGTERMException:  # a stop or a preemption the ranks agreed on: rank 0 says what it was
+        pass
+    import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifar_core.config import DATA_DIR_ENV
-
+DATA_DIR_ENV = "CIFAR10_DATA_DIR"  # where every run finds CIFAR when its config names no data_dir
 TIMEOUT_S = 20  # per connect and per read: an unreachable server fails a trial in seconds, not minutes
 
 
@@ -132,6 +131,14 @@ def _download_into(archive: Archive, folder: Path, download: Callable[[Archive, 
         raise _no_data(archive, folder, f"download failed: {_one_line(e)}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def default_data_dir() -> str:
+    return os.environ.get(DATA_DIR_ENV) or "data"
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,154 +1,24 @@
-"""The networks, as plain nn.Modules: images in, logits out, no training logic.
-
-`create_model(name)` is the one entry point: our three (seed_cnn, resnet9, airnet) or any of timm's
-(`timm/<name>`), wrapped in a Network that knows its input: uint8 images or floats in [0, 1],
-normalised with the mean and std its weights expect (timm's pretrained config; the seed's 0.5 for ours).
-So training, the test pass and an exported model feed it the same thing.
+"""The networks behind one entry point, `create_model(config, num_classes)`: ours (networks.BUILT_IN:
+seed_cnn, resnet9, airnet) or any of timm's (`timm/<name>`, with its pretrained weights), wrapped in a
+Network that knows its input: uint8 images or floats in [0, 1], normalised with the mean and std its
+weights expect (timm's pretrained config; the seed's 0.5 for ours). So training, the test pass and an
+exported model feed it the same thing. Plain nn.Modules: images in, logits out, no training logic.
 """
+
+from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from cifar_core.fetch import DatasetError, box_lock
+from cifar_core.fetch import DatasetError, box_lock, first_line
+from cifar_core.networks import BUILT_IN, SEED_MEAN, SEED_STD
 
-
-class SeedCNN(nn.Module):
-    """The seed tutorial's CNN: convs 32-32-64-64 (3x3, no padding), two max-pools, fc 512-128-10."""
-
-    FIELDS = ("dropout",)  # the TrainConfig fields it reads (network_fields)
-
-    def __init__(self, num_classes: int = 10, dropout: float = 0.0, image_size: int = 32):
-        super().__init__()
-        side = ((image_size - 4) // 2 - 4) // 2
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 32, 3), nn.ReLU(),
-            nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3), nn.ReLU(),
-            nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        # 32 -> 30 -> 28 -> pool 14 -> 12 -> 10 -> pool 5: 64 x 5 x 5 features
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Dropout(dropout), nn.Linear(64 * side * side, 512), nn.ReLU(),
-            nn.Dropout(dropout), nn.Linear(512, 128), nn.ReLU(),
-            nn.Linear(128, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-    @property
-    def head(self) -> nn.Module:
-        return self.classifier[-1]
-
-
-def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
-
-
-class Residual(nn.Sequential):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + super().forward(x)
-
-
-class ResNet9(nn.Module):
-    """The DAWNBench ResNet-9 (Page, 2018) behind cifar10-airbench: prep, three pooled stages
-    (two with a residual pair), max-pool, a linear head scaled by 1/8. `width` 64 is the
-    original (GPU); narrower trades accuracy per epoch for speed on a CPU."""
-
-    FIELDS = ("width", "dropout")
-
-    def __init__(self, num_classes: int = 10, width: int = 64, dropout: float = 0.0):
-        super().__init__()
-        w = width
-        self.features = nn.Sequential(
-            conv_bn(3, w),
-            conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(conv_bn(2 * w, 2 * w), conv_bn(2 * w, 2 * w)),
-            conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
-            conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(conv_bn(8 * w, 8 * w), conv_bn(8 * w, 8 * w)),
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-        )
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(8 * w, num_classes, bias=False))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The 1/8 output scale keeps early logits small, which lets one-cycle use a high peak lr.
-        return self.head(self.features(x)) * 0.125
-
-
-class FrozenScaleNorm(nn.BatchNorm2d):
-    """Batch norm whose scale stays 1: only its bias (shift) is trained, with its own learning rate."""
-
-    def __init__(self, channels: int, momentum: float):
-        super().__init__(channels, eps=1e-12, momentum=momentum)
-        self.weight.requires_grad = False
-
-
-class ConvGroup(nn.Module):
-    """conv 3x3 -> max-pool -> norm -> act -> conv 3x3 -> norm -> act; convs start as the identity on
-    the channels they share with their input (so a deep net starts close to a shallow one)."""
-
-    def __init__(self, c_in: int, c_out: int, activation: type[nn.Module], bn_momentum: float):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), \
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        for conv in (self.conv1, self.conv2):
-            nn.init.dirac_(conv.weight.data[:conv.in_channels])
-        self.pool, self.act = nn.MaxPool2d(2), activation()
-        self.norm1, self.norm2 = FrozenScaleNorm(c_out, bn_momentum), FrozenScaleNorm(c_out, bn_momentum)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.norm1(self.pool(self.conv1(x))))
-        return self.act(self.norm2(self.conv2(x)))
-
-
-class AirNet(nn.Module):
-    """The network of the CIFAR-10 speed record (Jordan, "94% on CIFAR-10 in 3.29 Seconds on a Single
-    GPU", 2024), written from the paper: a 2x2 whitening conv (its weights set from the training
-    data's patch statistics by `init_whitening`, then frozen), three ConvGroups of widths
-    (width, width * width_mult, width * width_mult), a global max-pool and a linear head scaled by
-    1/9. The record's: width 64, width_mult 4, GELU; a CPU wants width 16 and ReLU."""
-
-    # whiten and whiten_bias_epochs: read by system.py, which sets and trains the whitening layer
-    FIELDS = ("width", "width_mult", "activation", "bn_momentum", "whiten", "whiten_bias_epochs")
-
-    def __init__(self, num_classes: int = 10, width: int = 64, width_mult: int = 4, activation: str = "gelu",
-                 bn_momentum: float = 0.4):
-        super().__init__()
-        act = {"gelu": nn.GELU, "relu": nn.ReLU}[activation]
-        self.whiten = nn.Conv2d(3, 24, 2, bias=True)  # the 12 eigenvectors of 2x2x3 patches, and their negatives
-        nn.init.zeros_(self.whiten.bias)
-        self.act = act()
-        widths = (width, width * width_mult, width * width_mult)
-        self.groups = nn.Sequential(*(ConvGroup(c_in, c_out, act, bn_momentum)
-                                      for c_in, c_out in zip((24, *widths[:-1]), widths)))
-        self.head = nn.Linear(widths[-1], num_classes, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.groups(self.act(self.whiten(x)))
-        return self.head(torch.amax(x, dim=(2, 3))) / 9
-
-
-@torch.no_grad()
-def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> None:
-    """Sets `conv` (3 -> 2k channels, kernel h x w) to whiten the patches of `images` (normalised
-    float N x 3 x H x W): its filters are the eigenvectors V of the patches' (uncentred) covariance,
-    scaled by 1/sqrt(eigenvalue + eps), and -V; then freezes them. A few thousand images suffice."""
-    kh, kw = conv.kernel_size
-    n, c, h, w = images.shape
-    covariance = torch.zeros(c * kh * kw, c * kh * kw, dtype=torch.float64, device=images.device)
-    for start in range(0, n, 100):  # chunks small enough for a CPU's cache
-        x = images[start:start + 100].float()
-        patches = torch.stack([x[:, :, dy:h - kh + 1 + dy, dx:w - kw + 1 + dx]
-                               for dy in range(kh) for dx in range(kw)], 2)  # N x C x (dy dx) x H' x W'
-        patches = patches.permute(1, 2, 0, 3, 4).reshape(c * kh * kw, -1)  # rows in the weight's (c, dy, dx) order
-        covariance += (patches @ patches.T).double()
-    values, vectors = torch.linalg.eigh(covariance / (n * (h - kh + 1) * (w - kw + 1)))
-    filters = (vectors.T.flip(0) / torch.sqrt(values.flip(0) + eps)[:, None]).reshape(-1, c, kh, kw)
-    conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
-    conv.weight.requires_grad = False
+if TYPE_CHECKING:  # the config validates model names here: model.py may not import it at run time
+    from cifar_core.config import TrainConfig
 
 
 SCRATCH = "none (trained from scratch)"
@@ -179,18 +49,30 @@ class Network(nn.Module):
         """The classifier layer (what fine-tuning trains at the full lr; a new one for the data's classes)."""
         return self.body.get_classifier() if hasattr(self.body, "get_classifier") else self.body.head
 
+    # What a network of ours may ask of training (networks.py); timm's ask nothing.
 
-OURS = {"seed_cnn": SeedCNN, "resnet9": ResNet9, "airnet": AirNet}
-MODELS = tuple(OURS)
+    def prepare(self, training_images) -> None:
+        """Before fit: `training_images(n)` gives n training images, normalised as the network sees them."""
+        if hasattr(self.body, "prepare"):
+            self.body.prepare(lambda n: self.normalize(training_images(n)))
+
+    def at_epoch(self, epoch: int) -> None:
+        if hasattr(self.body, "at_epoch"):
+            self.body.at_epoch(epoch)
+
+    @property
+    def freezes_parameters(self) -> bool:
+        return getattr(self.body, "freezes_parameters", False)
+
+
 TIMM = "timm/"
 TIMM_FIELDS = ("pretrained", "pretrained_path", "drop_path_rate", "dropout")  # dropout: timm's drop_rate
-NETWORK_FIELDS = frozenset(TIMM_FIELDS).union(*(network.FIELDS for network in OURS.values()))
-SEED_MEAN, SEED_STD = (0.5,) * 3, (0.5,) * 3  # the seed's Normalize((0.5,)*3, (0.5,)*3)
+NETWORK_FIELDS = frozenset(TIMM_FIELDS).union(*(fields for _, fields in BUILT_IN.values()))
 
 
 def network_fields(model: str) -> set[str]:
     """The TrainConfig fields network `model` reads: those of NETWORK_FIELDS it lacks do not apply to it."""
-    return set(TIMM_FIELDS if model.startswith(TIMM) else OURS[model].FIELDS)
+    return set(TIMM_FIELDS if model.startswith(TIMM) else BUILT_IN[model][1])
 
 
 def timm_models() -> list[str]:
@@ -201,10 +83,10 @@ def timm_models() -> list[str]:
 
 def unknown_model(name: str) -> str | None:
     """Why `name` names no network, with the close ones; None when it names one."""
-    if name in MODELS:
+    if name in BUILT_IN:
         return None
     if not name.startswith(TIMM):
-        return f"unknown model {name!r}; expected one of {', '.join(MODELS)}, or timm/<name> (any of timm's)"
+        return f"unknown model {name!r}; expected one of {', '.join(BUILT_IN)}, or timm/<name> (any of timm's)"
     known = timm_models()
     if name[len(TIMM):] in known:
         return None
@@ -214,43 +96,40 @@ def unknown_model(name: str) -> str | None:
     return f"not a timm model; {hint}"
 
 
-def create_model(model: str, num_classes: int = 10, dropout: float = 0.0, width: int = 64, width_mult: int = 4,
-                 activation: str = "gelu", bn_momentum: float = 0.4, image_size: int = 32,
-                 drop_path_rate: float = 0.0, pretrained: bool = False, pretrained_path: str | None = None
-                 ) -> Network:
-    """The network named `model`. Its arguments but `pretrained*` are what a checkpoint stores to rebuild it
-    (its weights then come from the checkpoint). timm's: pretrained weights from timm's hub cache, or from
+def create_model(config: TrainConfig, num_classes: int, pretrained: bool = True) -> Network:
+    """The network of `config` for `num_classes` classes. timm's start from pretrained weights if the config says
+    so (and `pretrained`; a checkpoint's own weights follow otherwise): from timm's hub cache, or from
     `pretrained_path` (a safetensors or state-dict file, loaded by timm with weights_only; refused unless it
     holds the network's weights, all but the classifier's), with the classifier made anew for `num_classes`;
     normalised with the weights' own mean and std."""
-    if model == "seed_cnn":
-        return Network(SeedCNN(num_classes, dropout, image_size), SEED_MEAN, SEED_STD)
-    if model == "resnet9":
-        return Network(ResNet9(num_classes, width, dropout), SEED_MEAN, SEED_STD)
-    if model == "airnet":
-        return Network(AirNet(num_classes, width, width_mult, activation, bn_momentum), SEED_MEAN, SEED_STD)
-    if problem := unknown_model(model):
-        raise ValueError(f"model={model!r}: {problem}")
+    if config.model in BUILT_IN:
+        build, _ = BUILT_IN[config.model]
+        return Network(build(config, num_classes), SEED_MEAN, SEED_STD)
+    if problem := unknown_model(config.model):
+        raise ValueError(f"model={config.model!r}: {problem}")
     import timm
 
-    name, options = model[len(TIMM):], {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-    if not (pretrained or pretrained_path):
-        body, weights = timm.create_model(name, num_classes=num_classes, drop_rate=dropout, **options), SCRATCH
-    elif pretrained_path:
-        file = Path(pretrained_path).expanduser().absolute()
+    model, name = config.model, config.model[len(TIMM):]
+    options = {"num_classes": num_classes, "drop_rate": config.dropout}
+    if config.drop_path_rate:
+        options["drop_path_rate"] = config.drop_path_rate
+    if not pretrained or not (config.pretrained or config.pretrained_path):
+        body, weights = timm.create_model(name, **options), SCRATCH
+    elif config.pretrained_path:
+        path = config.pretrained_path
+        file = Path(path).expanduser().absolute()
         try:
-            body = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(file)},
-                                     num_classes=num_classes, drop_rate=dropout, **options)
+            body = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(file)}, **options)
         except Exception as e:  # not a weights file, pickled code (weights_only), tensors of another shape
-            check_pretrained(model, pretrained_path)  # names the tensors of another shape, where that is why
-            raise cannot_load(model, pretrained_path, e) from None
-        check_pretrained(model, pretrained_path, body)
+            check_pretrained(model, path)  # names the tensors of another shape, where that is why
+            raise cannot_load(model, path, e) from None
+        check_pretrained(model, path, body)
         weights = f"file {file}"
     else:
         from huggingface_hub import constants
 
         try:
-            body = from_hub(name, num_classes=num_classes, drop_rate=dropout, **options)
+            body = from_hub(name, **options)
         except Exception as e:  # no network and not in the cache, or no weights published for it
             raise DatasetError(f"model={model!r} with pretrained=true: no weights in the hub cache "
                                f"({constants.HF_HUB_CACHE}) and none downloaded ({type(e).__name__}: {first_line(e)})",
@@ -343,7 +222,3 @@ def from_hub(name: str, **options) -> nn.Module:
         endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
         socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
         return timm.create_model(name, pretrained=True, **options)
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0]

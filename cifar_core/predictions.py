@@ -1,21 +1,8 @@
-"""The prediction images a run logs as `examples`, and their caption format, which `agent report`
-reads back (parse_caption): one owner for both sides. Light to import (no torch): the report
-uses it too."""
+"""Which validation images a run shows with its best model's predictions: every class alike, mistakes first."""
 
-import re
+import torch
 
-CAPTION = re.compile(r"Pred: (.*), Label: (.*)")
-
-
-def caption(predicted: str, label: str) -> str:
-    return f"Pred: {predicted}, Label: {label}"
-
-
-def parse_caption(text: str) -> tuple[str, str] | None:
-    """(predicted, label) of a caption written by `caption`, or None."""
-    match = CAPTION.fullmatch(text)
-    return (match[1], match[2]) if match else None
-
+from cifar_core.evaluate import predict
 
 EXAMPLES = 32  # about as many images as the seed logged, spread over the classes
 MOST_PER_CLASS, MOST_CLASSES = 4, 64  # a few of each class; one each of the first 64 when there are more
@@ -25,8 +12,6 @@ def example_rows(labels, num_classes: int, predicted_of) -> list[tuple[int, int]
     """(row, predicted class) of the images of a split to show: every class (up to MOST_CLASSES), the same few of
     each, its mistakes first (up to half of them, one at least), then what it got right. `predicted_of(rows)`
     predicts those rows only: a few candidates a class are scored, never the whole split."""
-    import torch
-
     classes = range(min(num_classes, MOST_CLASSES))
     per_class = max(1, min(MOST_PER_CLASS, EXAMPLES // max(1, len(classes))))
     candidates = [torch.nonzero(labels.cpu() == c).flatten()[:2 * per_class] for c in classes]
@@ -40,18 +25,13 @@ def example_rows(labels, num_classes: int, predicted_of) -> list[tuple[int, int]
     return chosen
 
 
-def log_predictions(logger, net, split, classes, step: int, **inference) -> None:
-    """Logs images of `split` (a data.Split) with the net's predictions (`inference`: predict's options), once per
-    run (encoding them every epoch cost more than the epochs of a short trial): `example_rows` of it."""
-    import torch
-
-    from cifar_core.evaluate import predict
-
+def shown_examples(net, split, classes: tuple[str, ...], **inference) -> tuple[list, list[str], list[str]]:
+    """The images of `split` (a data.Split) that example_rows picks, as H x W x 3 uint8 arrays, with the net's
+    predictions (`inference`: predict's options) and the labels, as class names."""
     def predicted_of(rows):
         return predict(net, split[rows.to(split.labels.device)], **inference).argmax(-1)
 
     rows, predicted = zip(*example_rows(split.labels, len(classes), predicted_of))
     rows = torch.tensor(rows, device=split.labels.device)
-    images, labels = split[rows], split.labels[rows].tolist()
-    logger.log_image(key="examples", images=[img.permute(1, 2, 0).cpu().numpy() for img in images],
-                     caption=[caption(classes[p], classes[y]) for p, y in zip(predicted, labels)], step=step)
+    images = [image.permute(1, 2, 0).cpu().numpy() for image in split[rows]]
+    return images, [classes[p] for p in predicted], [classes[y] for y in split.labels[rows].tolist()]

@@ -1,5 +1,5 @@
-"""The LightningModule: loss, metrics, optimiser, schedule and weight averaging around a model from
-model.py."""
+"""The LightningModule: loss, metrics, optimiser, schedule and weight averaging around a network from
+model.py. Built from the config, as the network and the data are: a new field is read where it is used."""
 
 import random
 
@@ -10,9 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from cifar_core.model import AirNet, create_model, init_whitening
-
-WHITENING_IMAGES = 5000  # training images whose patch statistics set AirNet's first layer (0.1 s on a CPU)
+from cifar_core.config import TrainConfig
+from cifar_core.model import create_model
 
 
 class Lookahead:
@@ -47,56 +46,50 @@ def triangle(step: int, total: int) -> float:
 
 
 class ImageClassifier(pl.LightningModule):
-    def __init__(self, model: str = "seed_cnn", num_classes: int = 10, dropout: float = 0.0, width: int = 64,
-                 width_mult: int = 4, activation: str = "gelu", bn_momentum: float = 0.4, whiten: bool = True,
-                 whiten_bias_epochs: float = 3.0, image_size: int = 32, drop_path_rate: float = 0.0,
-                 pretrained: bool = False, pretrained_path: str | None = None, optimizer: str = "adam",
-                 lr: float = 2e-4, weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False,
-                 bias_lr_scale: float = 64.0, backbone_lr_scale: float = 1.0, freeze_backbone_epochs: int = 0,
-                 schedule: str = "constant", label_smoothing: float = 0.0, lookahead: bool = False,
-                 channels_last: bool = False):
+    """Loss, metrics, optimiser, schedule and weight averaging around the network of `config` (model.py)."""
+
+    def __init__(self, config: TrainConfig, num_classes: int):
         super().__init__()
-        # Saved into every checkpoint so it rebuilds without the run's config; kept out of the
-        # logger because W&B's run config (set once, by wandb.init) is the record of the run.
-        self.save_hyperparameters(logger=False)
-        # what rebuilds self.net (cifar_core.checkpoints.save_network); its weights come with it
-        self.network = dict(model=model, num_classes=num_classes, dropout=dropout, width=width,
-                            width_mult=width_mult, activation=activation, bn_momentum=bn_momentum,
-                            image_size=image_size, drop_path_rate=drop_path_rate)
-        self.net = create_model(**self.network, pretrained=pretrained, pretrained_path=pretrained_path)
-        if channels_last:
+        self.config, self.num_classes = config, num_classes
+        self.net = create_model(config, num_classes)
+        if config.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.lookahead = Lookahead() if lookahead else None
+        if config.compile:
+            self.net.compile()  # in place: the state dict keeps its names (torch.compile's wrapper adds _orig_mod.)
+        self.lookahead = Lookahead() if config.lookahead else None
         # One metric object per stage: epoch accuracy over all samples, not a mean of batch means.
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hparams.channels_last:
+        if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     def setup(self, stage: str) -> None:
-        # Before a resumed run's checkpoint is loaded, which then restores the layer it saved.
-        if stage == "fit" and isinstance(self.net.body, AirNet) and self.hparams.whiten:
-            images = self.trainer.datamodule.train_set[:WHITENING_IMAGES]
-            init_whitening(self.net.body.whiten, self.net.normalize(images.to(self.device)))
+        # Before a resumed run's checkpoint is loaded, which then restores what the network set.
+        if stage == "fit":
+            self.net.prepare(lambda n: self.trainer.datamodule.train_set[:n].to(self.device))
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         head = {id(p) for p in self.net.head.parameters()}
         return [p for p in self.net.parameters() if id(p) not in head]
 
     def on_train_epoch_start(self) -> None:
-        if isinstance(self.net.body, AirNet):  # the whitening layer's bias learns for the first epochs only
-            self.net.body.whiten.bias.requires_grad_(self.current_epoch < self.hparams.whiten_bias_epochs)
-        if self.hparams.freeze_backbone_epochs:  # the head alone first, then all of it
+        self.net.at_epoch(self.current_epoch)
+        if self.config.freeze_backbone_epochs:  # the head alone first, then all of it
             for p in self.backbone_parameters():
-                p.requires_grad_(self.current_epoch >= self.hparams.freeze_backbone_epochs)
+                p.requires_grad_(self.current_epoch >= self.config.freeze_backbone_epochs)
+
+    @property
+    def freezes_parameters(self) -> bool:
+        """Whether a parameter stops or starts learning during fit: DDP then looks for unused ones each step."""
+        return self.config.freeze_backbone_epochs > 0 or self.net.freezes_parameters
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
         self.train_acc(logits, y)
         self.log("train_loss", loss, on_step=True, on_epoch=True, sync_dist=True)  # over the ranks
         self.log("train_acc", self.train_acc, on_step=True, on_epoch=True)
@@ -146,19 +139,19 @@ class ImageClassifier(pl.LightningModule):
         """sgd_scaled's units: lr and weight_decay per 1024 examples and independent of momentum, as the
         record states them; batch-norm biases learn bias_lr_scale times faster, with the same decay."""
         batch = self.trainer.datamodule.batch_size * self.trainer.world_size  # the batch one step averages over
-        unit = 1024 * (1 + 1 / (1 - self.hparams.momentum))
+        unit = 1024 * (1 + 1 / (1 - self.config.momentum))
         lr = lr * batch / unit  # the learning rate of the mean loss over a batch
         decay = weight_decay * batch / unit  # shrinkage per step at the peak lr; torch multiplies it by lr
         norms = {id(p) for m in self.net.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
         groups = []
-        for in_norm, scale in ((True, self.hparams.bias_lr_scale), (False, 1.0)):
+        for in_norm, scale in ((True, self.config.bias_lr_scale), (False, 1.0)):
             params = [p for p in self.parameters() if p.requires_grad and (id(p) in norms) == in_norm]
             if params:
                 groups.append({"params": params, "lr": lr * scale, "weight_decay": decay / (lr * scale)})
         return groups
 
     def configure_optimizers(self):
-        hp = self.hparams
+        hp = self.config
         if hp.optimizer == "sgd_scaled":
             optimizer = torch.optim.SGD(self.parameter_groups(hp.lr, hp.weight_decay), momentum=hp.momentum,
                                         nesterov=True)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
+from agent.controller.processes import WarmWorker
 from agent.controller.store import open_store
-from agent.program.handoff import WarmWorker
 from tests.fake_wandb import KEY, FakeWandb, isolated
 from tests.helpers import QUICK_VAL, PostgresServer, agent_command, fresh_env, wait_for
 from tests.helpers import offline_env as offline_env_under
@@ -141,12 +141,13 @@ def warm_worker(tmp_path_factory):
 
 @pytest.fixture
 def started(monkeypatch) -> dict:
-    """LocalSweep replaced: the keyword arguments `agent local` would start it with (none, if it refuses first)."""
+    """LocalSweep replaced: the options `agent local` would start it with, and the sweep it opened (none, if it
+    refuses first)."""
     seen = {}
 
     class Started:
-        def __init__(self, **kwargs):
-            seen.update(kwargs)
+        def __init__(self, opened, options, view, on_trial_end=None):
+            seen.update(vars(options), opened=opened)
 
         def run(self):
             return 0

@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 from wandb.util import get_core_path
 
-from agent.install import this_python_first
 from agent.controller.runlog import RunLogReader, find_run_file
+from agent.install import this_python_first
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = REPO / "tests" / "programs"
@@ -232,3 +232,13 @@ class PostgresServer:
     def stop(self) -> None:
         self.ctl("pg_ctl", "-D", self.root / "data", "-m", "immediate", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def logged_run(config, callbacks=()) -> dict:
+    """One run of `config` in this process as `agent run` runs it: listening to the contract's signals, logged to
+    a W&B run (offline under the test's WANDB_DIR), its result's `ended_by` as the contract names it."""
+    from agent.program.run import SignalRequests
+    from agent.program.run import logged_run as program_run
+
+    with SignalRequests() as requests:
+        return program_run(config, requests, callbacks)

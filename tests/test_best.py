@@ -14,11 +14,12 @@ import pytest
 import torch
 import wandb
 
-from agent.views.best import best
-from agent.errors import UsageError
-from agent.program.run import make_config, parse_flags
 from agent.controller.store import Store, sqlite_url
-from cifar_core.checkpoints import save_network
+from agent.errors import UsageError
+from agent.program.flags import make_config, parse_flags
+from agent.program.use import best
+from cifar_core.checkpoints import load_network, save_network
+from cifar_core.config import TrainConfig
 from cifar_core.data import CIFAR10_CLASSES as CLASSES
 from cifar_core.data import synthetic_images, synthetic_splits
 from cifar_core.model import create_model
@@ -67,9 +68,10 @@ def report(capsys, target, evaluate=False, export=None) -> dict:
 
 
 def checkpoint_predictions(path: Path, images: torch.Tensor) -> list[int]:
-    """Independently of agent.views.best: the network as training built it, from the checkpoint."""
+    """Independently of agent best: the network as training built it, from the checkpoint."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    net = create_model(**checkpoint["network"])
+    network = checkpoint["network"]
+    net = create_model(TrainConfig(**network["config"]), network["num_classes"], pretrained=False)
     net.load_state_dict(checkpoint["state_dict"])
     with torch.inference_mode():
         return net.eval()(images).argmax(-1).tolist()
@@ -158,11 +160,11 @@ def test_wandb_sweep_best_run_and_its_best_model_artifact(sweep, mocker, capsys,
 
 def test_a_compiled_resnet9_checkpoint_exports(mocker, capsys, tmp_path):
     torch.manual_seed(0)
-    system = ImageClassifier(model="resnet9", width=8).eval()
-    system.net.compile()  # as build_system compiles: in place, so the saved names are the plain ones
+    config = TrainConfig(dataset="synthetic", model="resnet9", width=8, compile=True)
+    system = ImageClassifier(config, 10).eval()  # compiled in place: the saved names are the plain ones
     folder = tmp_path / "artifact"
     folder.mkdir()
-    save_network(folder / "model.ckpt", system.network, system.net.state_dict())
+    save_network(folder / "model.ckpt", config, 10, system.net.state_dict())
     wandb_api(mocker, "r9", {"dataset": "synthetic", "model": "resnet9", "width": 8, "compile": True}, folder)
     out = report(capsys, "ent/proj/swp", export=str(tmp_path / "r9.pt2"))
     assert "--model=resnet9" in out["config"] and "--compile=true" in out["config"]
@@ -173,13 +175,18 @@ def test_a_compiled_resnet9_checkpoint_exports(mocker, capsys, tmp_path):
 
 def test_cifar10_trials_evaluate_on_their_data_dir_and_missing_data_is_named(mocker, capsys, tmp_path, sweep,
                                                                               cifar_dir):
-    shutil.copy(sweep.run_dir / "checkpoints" / "best.ckpt", tmp_path / "model.ckpt")
-    wandb_api(mocker, "abc", {"dataset": "cifar10", "data_dir": str(cifar_dir)}, tmp_path)
+    def trained_on(data_dir: Path):  # the sweep's best network, as if trained on CIFAR-10 in data_dir
+        net, config, _ = load_network(sweep.run_dir / "checkpoints" / "best.ckpt")
+        cifar = config.model_copy(update={"dataset": "cifar10", "data_dir": str(data_dir)})
+        save_network(tmp_path / "model.ckpt", cifar, 10, net.state_dict())
+
+    trained_on(cifar_dir)
+    wandb_api(mocker, "abc", {}, tmp_path)
     out = report(capsys, "ent/proj/swp", evaluate=True)
     assert re.fullmatch(rf"0\.\d{{4}} \(logged by the trial: 0\.5000\) on 50 images, cifar10 test split of "
                         rf"{cifar_dir}", out["test_acc"])
     assert sum(line.split()[:1] == [name] for line in out["out"].splitlines() for name in CLASSES) == 10
-    wandb_api(mocker, "abc", {"dataset": "cifar10", "data_dir": str(tmp_path / "nodata")}, tmp_path)
+    trained_on(tmp_path / "nodata")
     with pytest.raises(UsageError, match=r"nodata/cifar-10-batches-py/batches.meta: missing"):
         best("ent/proj/swp", True, None)
 

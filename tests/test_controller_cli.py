@@ -223,7 +223,8 @@ def status_at(tmp_path: Path, capsys, monkeypatch, columns: str | None) -> tuple
     table = next(i for i, line in enumerate(out) if line.split()[:1] == ["id"])
     summary = next(i for i, line in enumerate(out) if line.startswith("1 finished"))
     assert columns is None or all(len(line) <= int(columns) for line in out)  # the sweep and summary lines too
-    assert " ".join(" ".join(out[summary:]).split()).startswith("1 finished, 1 failed, 1 stopped | best val_acc 0.8125 (t1: lr=0.0005 ")
+    assert " ".join(" ".join(out[summary:]).split()).startswith(
+        "1 finished, 1 failed, 1 stopped | best val_acc 0.8125 (t1: lr=0.0005 ")
     return out[table:table + 4], out[table + 4:summary]
 
 

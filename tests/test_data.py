@@ -8,13 +8,14 @@ import torch
 
 from cifar_core.augment import augment_batch, resized_crop_flip_batch
 from cifar_core.cifar import read_batch
+from cifar_core.config import TrainConfig
 from cifar_core.data import ImageDataModule, TensorBatches
 from cifar_core.fetch import ARCHIVES, DatasetError
 from tests.conftest import CLASS_NAMES, write_cifar
 
 
 def setup_dm(data_dir, **kwargs) -> ImageDataModule:
-    dm = ImageDataModule(data_dir=str(data_dir), **kwargs)
+    dm = ImageDataModule(TrainConfig(data_dir=str(data_dir), **kwargs))
     dm.setup()
     return dm
 
@@ -97,11 +98,11 @@ def test_prepare_data_fetches_only_when_the_batches_are_absent(tmp_path, cifar_d
     # Unreachable, as on a box without network: any download attempt fails.
     unreachable = (tmp_path / "unreachable.tar.gz").as_uri()
     monkeypatch.setitem(ARCHIVES, "cifar10", replace(ARCHIVES["cifar10"], url=unreachable))
-    ImageDataModule(data_dir=str(cifar_dir)).prepare_data()
-    ImageDataModule(data_dir=str(tmp_path / "none"), dataset="synthetic").prepare_data()
+    ImageDataModule(TrainConfig(data_dir=str(cifar_dir))).prepare_data()
+    ImageDataModule(TrainConfig(data_dir=str(tmp_path / "none"), dataset="synthetic")).prepare_data()
     assert not (tmp_path / "none").exists()
     with pytest.raises(DatasetError) as e:
-        ImageDataModule(data_dir=str(tmp_path / "empty")).prepare_data()
+        ImageDataModule(TrainConfig(data_dir=str(tmp_path / "empty"))).prepare_data()
     line = str(e.value)
     assert "\n" not in line and line.startswith(f"{tmp_path / 'empty' / 'cifar-10-batches-py'}: no CIFAR-10 data")
     assert "download failed: URLError" in line and "--dataset=synthetic" in line
@@ -153,14 +154,14 @@ def test_a_decoded_cache_beside_the_batches_loads_the_same_data_and_follows_chan
 def test_each_epoch_shuffles_anew_and_a_resumed_epoch_continues_its_order(cifar_dir):
     dm = setup_dm(cifar_dir, batch_size=16)
     epoch = [0]
-    loader = TensorBatches(dm.train_set, 16, shuffle=True, seed=dm.seed, position=lambda: (epoch[0], 0))
+    loader = TensorBatches(dm.train_set, 16, shuffle=True, seed=dm.config.seed, position=lambda: (epoch[0], 0))
     first = [i for _, _, i in loader]
     assert len(loader) == len(first) == 12
     assert torch.equal(torch.cat(first).sort().values, torch.arange(180))  # every image once
     assert all(torch.equal(a, b) for a, b in zip(first, (i for _, _, i in loader)))  # an epoch's order is its own
     epoch[0] = 1
     assert not torch.equal(torch.cat(first), torch.cat([i for _, _, i in loader]))  # reshuffled
-    resumed = TensorBatches(dm.train_set, 16, shuffle=True, seed=dm.seed, position=lambda: (0, 5))
+    resumed = TensorBatches(dm.train_set, 16, shuffle=True, seed=dm.config.seed, position=lambda: (0, 5))
     assert all(torch.equal(a, b) for a, b in zip([i for _, _, i in resumed], first[5:], strict=True))
 
 

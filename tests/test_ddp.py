@@ -16,8 +16,21 @@ from agent.controller.store import open_store
 from cifar_core.config import TrainConfig
 from cifar_core.ddp import digest
 from tests.conftest import WARM
-from tests.helpers import (AGENT, QUICK_VAL, agent_command, fresh_env, leet_records, leet_summary, records_of, run_dirs,
-                           run_record, start_wandb_agent, validated, validated_epochs, wait_for)
+from tests.helpers import (
+    AGENT,
+    QUICK_VAL,
+    agent_command,
+    fresh_env,
+    leet_records,
+    leet_summary,
+    records_of,
+    run_dirs,
+    run_record,
+    start_wandb_agent,
+    validated,
+    validated_epochs,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from agent.contract import parse_caption
 from cifar_core.config import TrainConfig
 from cifar_core.data import CIFAR10_CLASSES as CLASSES
-from cifar_core.data import datamodule_for
-from cifar_core.predictions import example_rows, parse_caption
+from cifar_core.data import ImageDataModule
+from cifar_core.predictions import example_rows
 from tests.helpers import agent_command, leet_records, leet_summary
 
 
@@ -35,7 +36,7 @@ def test_agent_run_logs_config_metrics_images_and_best_model(cifar_dir, offline_
     assert [row["epoch"] for row in rows if "val_acc" in row] == [0, 1]
     [images] = [row for row in rows if "examples.captions" in row]  # once, with the best model's predictions
     captions = [parse_caption(c) for c in images["examples.captions"]]
-    val = datamodule_for(TrainConfig(data_dir=str(cifar_dir)))
+    val = ImageDataModule(TrainConfig(data_dir=str(cifar_dir)))
     val.load()
     assert {label for _, label in captions} == {CLASSES[y] for y in val.val_set.labels.tolist()}  # every class
     assert all((run_dir / "files" / f).is_file() for f in images["examples.filenames"])

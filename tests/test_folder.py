@@ -14,8 +14,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from agent.views.best import best
 from agent.controller.store import open_store
+from agent.program.use import best
+from cifar_core.config import TrainConfig
 from cifar_core.data import ImageDataModule
 from cifar_core.fetch import DatasetError
 from cifar_core.folder import load_folder, scan, stored_size
@@ -24,8 +25,8 @@ from tests.helpers import REPO, agent_command, fresh_env, leet_summary, python, 
 
 
 def folder_data(data_dir: Path, cache: Path, **kwargs) -> ImageDataModule:
-    data = ImageDataModule(data_dir=str(data_dir), dataset="imagefolder", image_size=32, cache_dir=str(cache),
-                           **kwargs)
+    data = ImageDataModule(TrainConfig(data_dir=str(data_dir), dataset="imagefolder", image_size=32,
+                                       cache_dir=str(cache), **kwargs))
     data.load()
     return data
 
@@ -197,7 +198,7 @@ def test_two_trials_starting_at_once_decode_the_folder_once(tmp_path):
 
 
 def test_cifar100_reads_its_fine_labels_and_their_names(tmp_path):
-    data = ImageDataModule(data_dir=str(write_cifar100(tmp_path)), dataset="cifar100", val_fraction=0.25)
+    data = ImageDataModule(TrainConfig(data_dir=str(write_cifar100(tmp_path)), dataset="cifar100", val_fraction=0.25))
     data.load()
     assert len(data.classes) == 100 and data.classes[7] == "fine7"
     assert len(data.train_set) == 45 and len(data.val_set) == 15 and len(data.test_set) == 20

@@ -10,9 +10,9 @@ import wandb
 
 from cifar_core.checkpoints import load_network
 from cifar_core.config import TrainConfig
-from cifar_core.train import train
 from tests.conftest import write_image_folder
 from tests.helpers import agent_command, fresh_env
+from tests.helpers import logged_run as train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -63,7 +63,7 @@ def test_a_trial_on_two_gpus_trains_half_the_steps_a_rank_and_tests_on_rank_0(in
 def test_a_compiled_net_saves_the_names_an_uncompiled_one_loads(in_tmp):
     result = train(TrainConfig(dataset="synthetic", model="resnet9", width=16, max_epochs=1, compile=True,
                                precision="bf16-mixed", channels_last=True))
-    net, _ = load_network(result["best_checkpoint"])  # no _orig_mod. prefixes: the compile was in place
+    net, _, _ = load_network(result["best_checkpoint"])  # no _orig_mod. prefixes: the compile was in place
     assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 

@@ -10,13 +10,23 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.errors import UsageError
-from agent.install import matching_pair_command, this_python_first
 from agent.controller.local import trial_command
 from agent.controller.store import open_store
+from agent.errors import UsageError
+from agent.install import matching_pair_command, this_python_first
 from tests.conftest import HYPERBAND
-from tests.helpers import (PROGRAMS, QUICK_VAL, REPO, agent_command, fresh_env, leet_records, run_dirs,
-                           validated, validated_epochs, wait_for)
+from tests.helpers import (
+    PROGRAMS,
+    QUICK_VAL,
+    REPO,
+    agent_command,
+    fresh_env,
+    leet_records,
+    run_dirs,
+    validated,
+    validated_epochs,
+    wait_for,
+)
 
 FOREIGN = PROGRAMS / "foreign_train.py"
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from agent.install import pair_problem, this_python_first
 from agent.controller.outcome import environment_error, outcome, own_error
+from agent.install import pair_problem, this_python_first
 
 WANDB_TAIL = ("\x1b[1;34mwandb\x1b[0m: \n\x1b[1;34mwandb\x1b[0m: You can sync this run to the cloud by running:\n"
               "\x1b[1;34mwandb\x1b[0m: \x1b[1mwandb sync /tmp/D/wandb/offline-run-x\x1b[0m\n"

@@ -12,8 +12,8 @@ import yaml
 
 import agent.controller.store
 from agent.__main__ import main
-from agent.controller.store import open_store
 from agent.controller.runlog import find_run_file
+from agent.controller.store import open_store
 from tests.helpers import PROGRAMS, agent_command, fresh_env, run_dirs, wait_for
 
 pytestmark = pytest.mark.postgres

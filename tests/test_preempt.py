@@ -20,12 +20,23 @@ import torch
 import wandb
 
 import cifar_core.train as train_module
-from cifar_core.checkpoints import find_resume_checkpoint
+from agent.errors import RunEndedEarly
+from agent.program.run import WandbRecord, resume_from
 from cifar_core.config import TrainConfig
-from cifar_core.train import Preempted, train
 from tests.conftest import WARM
-from tests.helpers import (QUICK_VAL, agent_command, fresh_env, leet_records, offline_env, records_of, run_dirs,
-                           validated, validated_epochs, wait_for)
+from tests.helpers import (
+    QUICK_VAL,
+    agent_command,
+    fresh_env,
+    leet_records,
+    logged_run,
+    offline_env,
+    records_of,
+    run_dirs,
+    validated,
+    validated_epochs,
+    wait_for,
+)
 
 ARGS = ("run", "--dataset=synthetic", f"--val_fraction={QUICK_VAL}", "--max_epochs=4", "--limit_train_batches=12",
         "--early_stopping_patience=10")
@@ -113,19 +124,19 @@ def test_a_requeued_run_on_another_box_fetches_its_resume_artifact(tmp_path):
     downloaded = tmp_path / "artifact"
     downloaded.mkdir()
     (downloaded / "resume.ckpt").write_bytes(b"state")
-    assert find_resume_checkpoint(fake_run(tmp_path, resumed=True, offline=False, artifact_dir=downloaded)) == \
+    assert resume_from(fake_run(tmp_path, resumed=True, offline=False, artifact_dir=downloaded)) == \
         downloaded / "resume.ckpt"
 
 
 def test_a_local_rerun_resumes_from_its_earlier_attempts_last_checkpoint(tmp_path):
     run = fake_run(tmp_path, resumed=False, offline=True)
-    assert find_resume_checkpoint(run) is None
+    assert resume_from(run) is None
     earlier = tmp_path / "wandb" / "offline-run-20250101_000000-abc" / "checkpoints"
     earlier.mkdir(parents=True)
     (earlier / "best.ckpt").write_bytes(b"")  # a best model is not a resume point
-    assert find_resume_checkpoint(run) is None
+    assert resume_from(run) is None
     (earlier / "last.ckpt").write_bytes(b"")
-    assert find_resume_checkpoint(run) == earlier / "last.ckpt"
+    assert resume_from(run) == earlier / "last.ckpt"
 
 
 PHASE_CONFIG = TrainConfig(dataset="synthetic", val_fraction=QUICK_VAL, max_epochs=2, limit_train_batches=4,
@@ -168,14 +179,14 @@ def notice_during(monkeypatch, target, name: str, when=lambda *a, **kw: True):
 
 
 PHASES = {  # name: what to install, for the first attempt
-    "wandb.init": lambda mp: notice_during(mp, train_module.wandb, "init"),
+    "wandb.init": lambda mp: notice_during(mp, wandb, "init"),
     "setup, before the first batch": lambda mp: NoticeAt("setup", in_epoch_0),
     "the first training batch": lambda mp: NoticeAt("on_train_batch_start", in_epoch_0),
     "the last batch of an epoch": lambda mp: NoticeAt(
         "on_train_batch_start", lambda trainer, module, batch, index: in_epoch_0(trainer) and index == LAST_BATCH),
     "a validation pass": lambda mp: NoticeAt(
         "on_validation_batch_start", lambda trainer, module, batch, index, *_: in_epoch_0(trainer) and index == 1),
-    "logging an improved model": lambda mp: notice_during(mp, train_module.BestModel, "save_and_log"),
+    "logging an improved model": lambda mp: notice_during(mp, WandbRecord, "best_model"),
     "the test pass": lambda mp: notice_during(mp, train_module, "evaluate"),
 }
 
@@ -183,7 +194,7 @@ PHASES = {  # name: what to install, for the first attempt
 def run_once(monkeypatch, run_id: str, callbacks=()) -> dict:
     monkeypatch.setenv("WANDB_RUN_ID", run_id)
     try:
-        return train(PHASE_CONFIG, callbacks=list(callbacks))
+        return logged_run(PHASE_CONFIG, callbacks=list(callbacks))
     finally:
         wandb.teardown()  # the next run reads WANDB_RUN_ID afresh
 
@@ -212,8 +223,9 @@ def test_a_run_preempted_in_any_phase_resumes_to_the_result_of_an_uninterrupted_
         phase, uninterrupted, offline_env, monkeypatch):
     with monkeypatch.context() as mp:
         callback = PHASES[phase](mp)
-        with pytest.raises(Preempted, match=r"preempted (after|at) .*; state saved"):
+        with pytest.raises(RunEndedEarly, match=r"preempted (after|at) .*; state saved") as ended:
             run_once(mp, "phased", [callback] if callback else [])
+    assert ended.value.exit_code == 128 + signal.SIGUSR1
     [first] = run_dirs(offline_env["WANDB_DIR"], "phased")
     assert (first / "checkpoints" / "preempt.ckpt").is_file()
     resumed = run_once(monkeypatch, "phased")
@@ -228,7 +240,7 @@ def test_a_run_preempted_in_any_phase_resumes_to_the_result_of_an_uninterrupted_
 @pytest.mark.slow
 @PREEMPT_PHASES
 def test_a_notice_after_the_last_artifact_leaves_a_finished_run(offline_env, monkeypatch, uninterrupted):
-    notice_during(monkeypatch, train_module.BestModel, "save_and_log", when=lambda *a, **kw: "test_acc" in kw)
+    notice_during(monkeypatch, WandbRecord, "best_model", when=lambda *a, **kw: "test_acc" in a[-1])
     result = run_once(monkeypatch, "late")
     assert final_state(result)[1] == uninterrupted[1]
     [run_dir] = run_dirs(offline_env["WANDB_DIR"], "late")

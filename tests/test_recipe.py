@@ -9,15 +9,17 @@ import torch
 import wandb
 from torch import nn
 
+from cifar_core.augment import translate_flip_batch
 from cifar_core.checkpoints import load_network
 from cifar_core.config import TrainConfig
-from cifar_core.augment import translate_flip_batch
 from cifar_core.data import ImageDataModule
 from cifar_core.evaluate import TTA, evaluate, inference
-from cifar_core.model import create_model, init_whitening
-from cifar_core.system import WHITENING_IMAGES, Lookahead, triangle
-from cifar_core.train import train
-from tests.helpers import leet_records, records_of
+from cifar_core.model import create_model
+from cifar_core.networks import WHITENING_IMAGES, init_whitening
+from cifar_core.system import Lookahead, triangle
+from tests.helpers import leet_records, logged_run, records_of
+
+AIRNET_8 = TrainConfig(model="airnet", width=8)
 
 # The CPU preset's techniques on tiny synthetic data (bench/speed.py CPU_PRESET holds the real one).
 RECIPE = dict(dataset="synthetic", model="airnet", width=8, width_mult=2, activation="relu", optimizer="sgd_scaled",
@@ -30,7 +32,7 @@ def test_whitening_makes_the_patches_uncorrelated_with_unit_variance():
     torch.manual_seed(0)
     mixing = torch.randn(3, 3)  # correlated channels: whitening must undo the mixing
     images = torch.einsum("ij,njhw->nihw", mixing, torch.randn(400, 3, 16, 16))
-    net = create_model("airnet", width=8).body
+    net = create_model(AIRNET_8, 10).body
     init_whitening(net.whiten, images, eps=0.0)
     with torch.no_grad():
         out = nn.functional.conv2d(images, net.whiten.weight[:12])  # the +V half; the other half is -V
@@ -52,7 +54,7 @@ def test_translate_and_flip_move_pixels_as_reflect_padding_and_mirroring_do():
 
 
 def test_alternating_flips_show_every_image_both_ways_in_two_epochs():
-    dm = ImageDataModule(dataset="synthetic", batch_size=64, flip="alternating")
+    dm = ImageDataModule(TrainConfig(dataset="synthetic", batch_size=64, flip="alternating"))
     dm.setup()
     images, labels, index = next(iter(dm.train_dataloader()))
     seen = []
@@ -81,7 +83,7 @@ def test_lookahead_ends_on_the_average_and_the_schedule_is_the_records():
 
 def test_tta_exports_to_the_same_logits_and_level_1_is_the_mirror_mean():
     torch.manual_seed(0)
-    net = create_model("airnet", width=8).eval()
+    net = create_model(AIRNET_8, 10).eval()
     x = torch.rand(4, 3, 32, 32)
     for level in (0, 1, 2):
         eager = TTA(net, level)(x)
@@ -94,7 +96,7 @@ def test_tta_exports_to_the_same_logits_and_level_1_is_the_mirror_mean():
 def recipe_run(offline_env, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = TrainConfig(**RECIPE)
-    result = train(config)
+    result = logged_run(config)
     wandb.teardown()
     return config, result
 
@@ -102,13 +104,14 @@ def recipe_run(offline_env, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_the_recipe_trains_in_a_normal_trial_and_its_best_model_scores_as_logged(recipe_run):
     config, result = recipe_run
-    net, saved = load_network(result["best_checkpoint"])
-    dm = ImageDataModule(dataset="synthetic", seed=config.seed)
+    net, saved_config, saved = load_network(result["best_checkpoint"])
+    assert saved_config == config  # the checkpoint rebuilds its own network
+    dm = ImageDataModule(config)
     dm.setup()
     rescored = evaluate(net, dm.test_set, dm.test_set.labels, **inference(config))  # its own test pass, TTA too
     assert rescored["test_acc"] == pytest.approx(result["test_acc"], abs=1e-6)
     assert saved["epoch"] == result["best_epoch"]
-    whitening = create_model("airnet", width=8)  # trained, the layer must still be what the data set it to
+    whitening = create_model(config, 10)  # trained, the layer must still be what the data set it to
     init_whitening(whitening.body.whiten, whitening.normalize(dm.train_set[:WHITENING_IMAGES]))
     assert torch.equal(net.body.whiten.weight, whitening.body.whiten.weight)
     run_dir = os.path.dirname(os.path.dirname(result["best_checkpoint"]))

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent.contract import parse_caption
+from agent.controller.store import Store, Trial, open_store, sqlite_url
 from agent.errors import UsageError
 from agent.views.plots import importance, importance_chart
 from agent.views.report import learning_curves, report, write_report
-from agent.controller.store import Store, Trial, open_store, sqlite_url
 from cifar_core.data import CIFAR10_CLASSES
-from cifar_core.predictions import parse_caption
 from tests.conftest import write_cifar
 from tests.helpers import REPO, agent_command, fresh_env
 

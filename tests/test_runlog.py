@@ -106,7 +106,7 @@ def test_rows_appear_while_the_run_is_writing(tmp_path):
             return len(seen) > step
 
         for step in range(5):
-            wait_for(lambda: rows_up_to(step), f"row {step}", timeout=30, proc=proc)
+            wait_for(lambda step=step: rows_up_to(step), f"row {step}", timeout=30, proc=proc)
             (tmp_path / f"ack-{step}").touch()
         assert proc.wait(timeout=30) == 0
         seen += reader.poll()

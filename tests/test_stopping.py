@@ -1,6 +1,7 @@
-"""A stop reaching train() at each phase of a run: it ends at the next batch (or finishes what it is
-doing), tests the best weights and logs them; W&B's own stop takes the same path. In-process: the
-run signals itself from the hook of the phase, so the moment is exact, not timed."""
+"""A stop reaching a run at each phase: it ends at the next batch (or finishes what it is doing), tests the
+best weights and logs them; W&B's own stop takes the same path. In-process, as `agent run` runs it
+(agent.program.run.logged_run): the run signals itself from the hook of the phase, so the moment is exact,
+not timed."""
 
 import os
 import signal
@@ -11,10 +12,11 @@ import pytest
 import wandb
 
 import cifar_core.train as train_module
+from agent.contract import BY_STOP, COMPLETED, DIVERGED
+from agent.program.run import SignalRequests, WandbRecord
 from cifar_core.config import TrainConfig
-from cifar_core.stopping import COMPLETED, DIVERGED, INTERRUPT, PREEMPT, STOP, StopRequests
-from cifar_core.train import train
-from tests.helpers import QUICK_VAL, leet_records, leet_summary, records_of
+from cifar_core.ending import Request
+from tests.helpers import QUICK_VAL, leet_records, leet_summary, logged_run, records_of
 
 CONFIG = dict(dataset="synthetic", val_fraction=QUICK_VAL, max_epochs=5, limit_train_batches=6,
               early_stopping_patience=10)
@@ -48,35 +50,35 @@ def logged(result: dict) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("hook", ["on_train_batch_start", "on_validation_batch_start"])
 def test_a_stop_during_training_or_validation_ends_fit_and_logs_the_tested_best(offline, hook):
-    result = train(TrainConfig(**CONFIG), callbacks=[SignalAt(hook)])
-    assert result["ended_by"] == STOP and result["epochs"] == 1  # not the 5 it was given
+    result = logged_run(TrainConfig(**CONFIG), callbacks=[SignalAt(hook)])
+    assert result["ended_by"] == BY_STOP and result["epochs"] == 1  # not the 5 it was given
     assert result["best_epoch"] == 0
     [*improvements, final] = logged(result)
     assert set(final["aliases"]) == {"best", "latest"} and "test_acc" in final["metadata"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["evaluate", "log_model_artifact"])
+@pytest.mark.parametrize("phase", ["evaluate", "best_model"])
 def test_a_stop_during_the_test_or_the_artifact_upload_lets_them_finish(offline, monkeypatch, phase):
-    target = train_module if phase == "evaluate" else train_module.BestModel
-    original = getattr(target, "evaluate" if phase == "evaluate" else "save_and_log")
+    target = train_module if phase == "evaluate" else WandbRecord
+    original = getattr(target, phase)
     calls = []
 
     def signal_first(*args, **kwargs):
-        if phase == "evaluate" or "test_acc" in kwargs:  # the end of the run, not an improvement
+        if phase == "evaluate" or "test_acc" in args[-1]:  # the end of the run, not an improvement
             calls.append(True)
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(target, "evaluate" if phase == "evaluate" else "save_and_log", signal_first)
-    result = train(TrainConfig(**{**CONFIG, "max_epochs": 2}))
+    monkeypatch.setattr(target, phase, signal_first)
+    result = logged_run(TrainConfig(**{**CONFIG, "max_epochs": 2}))
     assert calls and result["ended_by"] == COMPLETED and result["epochs"] == 2  # training was not cut short
     assert "test_acc" in logged(result)[-1]["metadata"]
 
 
 @pytest.mark.slow
 def test_wandbs_own_stop_is_a_stop_not_a_keyboard_interrupt(offline):
-    requests = StopRequests()
+    from agent.program.run import logged_run as program_run
 
     class StopFromWandb(pl.Callback):  # what the SDK's RunStopChecker does: calls stop_fn from its thread
         def on_train_batch_start(self, trainer, *args):
@@ -85,21 +87,21 @@ def test_wandbs_own_stop_is_a_stop_not_a_keyboard_interrupt(offline):
                 thread.start()
                 thread.join()
 
-    with requests:
-        result = train(TrainConfig(**CONFIG), callbacks=[StopFromWandb()], requests=requests)
-    assert result["ended_by"] == STOP and result["epochs"] == 1
+    with SignalRequests() as requests:
+        result = program_run(TrainConfig(**CONFIG), requests, [StopFromWandb()])
+    assert result["ended_by"] == BY_STOP and result["epochs"] == 1
 
 
 def test_a_preemption_is_never_downgraded_by_a_later_stop():
-    requests = StopRequests()
-    for reason in (STOP, PREEMPT, STOP, INTERRUPT):
+    requests = SignalRequests()
+    for reason in (Request.STOP, Request.PREEMPT, Request.STOP, Request.INTERRUPT):
         requests.request(reason)
-    assert requests.reason == PREEMPT
+    assert requests.reason == Request.PREEMPT
 
 
 @pytest.mark.slow
 def test_a_diverging_loss_ends_fit_at_once_and_the_run_says_so(offline):
-    result = train(TrainConfig(**{**CONFIG, "optimizer": "sgd", "lr": 1e6}))
+    result = logged_run(TrainConfig(**{**CONFIG, "optimizer": "sgd", "lr": 1e6}))
     assert result["ended_by"] == DIVERGED and result["epochs"] == 0 and result["steps"] <= 3
     summary = leet_summary(os.path.dirname(os.path.dirname(result["best_checkpoint"])))["summary"]
     assert summary["ended_by"] == DIVERGED and summary["diverged_at_step"] == result["steps"] - 1

@@ -58,7 +58,8 @@ def problems(tmp_path, capsys, **changes) -> tuple[int, list[str]]:
      "W&B's sweep engine refuses it: Parameter lr is a disallowed type with grid search"),
     ({"command": None}, f"command: missing, and no program for W&B's default `${{env}} ${{interpreter}} "
                         f"${{program}} ${{args}}`; to run ours, {FIX}"),
-    ({"command": None, "program": "agent/program/run.py"}, "program: 'agent/program/run.py': not how our program starts"),
+    ({"command": None, "program": "agent/program/run.py"},
+     "program: 'agent/program/run.py': not how our program starts"),
     ({"command": None, "program": "-m agent run"}, "program: '-m agent run': not how our program starts"),
     ({"command": ["${interpreter} -m agent run ${args}"]}, "W&B replaces a macro only as a whole item"),
     ({"command": ["python", "-m agent run", "${args}"]}, "our program starts only as the items -m, agent, run"),

@@ -15,8 +15,16 @@ import pytest
 
 from agent.controller.runlog import find_run_file
 from tests.conftest import WARM
-from tests.helpers import (AGENT, QUICK_VAL, records_of, run_dirs, run_record, start_wandb_agent, validated_epochs,
-                           wait_for)
+from tests.helpers import (
+    AGENT,
+    QUICK_VAL,
+    records_of,
+    run_dirs,
+    run_record,
+    start_wandb_agent,
+    validated_epochs,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +40,8 @@ import yaml
 import agent.online.launch
 agent.online.launch.agent_command = lambda sweep_path, count: {agent!r} + [{control!r}, "--forward-signals", sweep_path]
 # No W&B server here to ask for the sweep (tests/test_wandb_errors.py checks that part).
-agent.online.launch.Launcher.sweep_on_wandb = lambda self: ("RUNNING", yaml.safe_load(open({control!r} + "/sweep.yaml")))
+agent.online.launch.Launcher.sweep_on_wandb = lambda self: (
+    "RUNNING", yaml.safe_load(open({control!r} + "/sweep.yaml")))
 from agent.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -90,9 +99,10 @@ def test_stops_finish_runs_with_their_best_model_and_preemption_requeues_them(ag
     # and the agent, which quits after 3 failures in its first minute, stays up for the next.
     for run_id in ("burst1", "burst2"):
         server.run(run_id)
-        wait_for(lambda: find_run_file(tmp_path, run_id), f"{run_id}'s wandb.init", proc=proc)
+        wait_for(lambda run_id=run_id: find_run_file(tmp_path, run_id), f"{run_id}'s wandb.init", proc=proc)
         server.send({"type": "stop", "run_id": run_id})
-        wait_for(lambda: server.handed_out() and not server.running(run_id), f"the agent to reap {run_id}", proc=proc)
+        wait_for(lambda run_id=run_id: server.handed_out() and not server.running(run_id),
+                 f"the agent to reap {run_id}", proc=proc)
         assert run_record(tmp_path, run_id)[1] == 0
     beats = len(server.heartbeats())
     wait_for(lambda: len(server.heartbeats()) > beats + 1, "the agent's next heartbeats", proc=proc)

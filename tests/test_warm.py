@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.program.handoff import WarmWorker
+from agent.controller.processes import WarmWorker
 from tests.conftest import WARM
-from tests.helpers import (QUICK_VAL, agent_command, fresh_env, leet_records, records_of, run_dirs, validated,
-                           wait_for)
+from tests.helpers import QUICK_VAL, agent_command, fresh_env, leet_records, records_of, run_dirs, validated, wait_for
 
 pytestmark = [pytest.mark.slow, WARM]
 

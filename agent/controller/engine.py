@@ -9,6 +9,8 @@ import json
 import warnings
 from pathlib import Path
 
+from agent.contract import PAUSED, STOPPED
+
 with warnings.catch_warnings():  # sweeps 0.3 imports with a pydantic-v1 config warning
     warnings.simplefilter("ignore")
     import sweeps
@@ -16,7 +18,7 @@ with warnings.catch_warnings():  # sweeps 0.3 imports with a pydantic-v1 config 
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # W&B's agent's, without `command:`
 # W&B marks a run that exits cleanly after a stop finished; a paused trial is requeued, as a preempted run.
-ENGINE_STATES = {"stopped": "finished", "paused": "preempted"}
+ENGINE_STATES = {STOPPED: "finished", PAUSED: "preempted"}
 
 
 def schema_problems(sweep: dict) -> list[str]:
@@ -48,6 +50,12 @@ def engine_problems(sweep: dict) -> list[str]:
     return []
 
 
+def sweep_metric(sweep: dict) -> tuple[str | None, str]:
+    """The sweep's metric name (None when it has none) and goal, W&B's default goal included."""
+    metric = sweep.get("metric") or {}
+    return metric.get("name"), metric.get("goal", "minimize")
+
+
 def plain(value):
     """numpy scalars from the engine -> Python values that json and yaml can dump."""
     return json.loads(json.dumps(value, default=lambda v: v.item()))
@@ -71,7 +79,7 @@ def trial_command(sweep: dict, params: dict, args_json_file: Path) -> list[str]:
 
 
 def as_sweep_run(trial, metric: str | None) -> "sweeps.SweepRun":
-    """A trial (agent.views.trials.Trial) as the engine reads a run."""
+    """A trial (agent.controller.store.Trial) as the engine reads a run."""
     history = [{metric: v} for v in trial.history] if metric else []
     summary = {metric: trial.metric} if metric and trial.metric is not None else {}
     return sweeps.SweepRun(name=trial.id, state=ENGINE_STATES.get(trial.state, trial.state),

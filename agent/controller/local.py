@@ -8,7 +8,6 @@ Trials report through what they log: the controller reads each offline run's
 transaction log while it is written. State is in DIR/sweep.db (agent/controller/store.py).
 """
 
-import ctypes
 import json
 import os
 import select
@@ -23,91 +22,19 @@ from pathlib import Path
 from wandb.sdk.lib import config_util
 from wandb.sdk.lib.runid import generate_id
 
-from agent.controller.engine import as_sweep_run, engine_config, plain, sweeps, trial_command
+from agent import contract
+from agent.contract import CRASHED, FAILED, FINISHED, LIVE, PAUSED, PENDING, RUNNING, STOPPED
+from agent.controller.engine import as_sweep_run, engine_config, plain, sweep_metric, sweeps, trial_command
+from agent.controller.opened import Opened, trial_limit
+from agent.controller.outcome import environment_error, outcome, own_error
+from agent.controller.processes import READY_TIMEOUT, WarmWorker, die_with_parent
+from agent.controller.runlog import RunLogReader, find_run_file
+from agent.controller.store import Trial, is_number
 from agent.errors import UsageError
 from agent.install import this_python_first
-from agent.controller.outcome import environment_error, outcome, own_error
-from agent.controller.runlog import RunLogReader, find_run_file
-from agent.views.status import SweepView
-from agent.controller.store import Store, sqlite_url, write_pointer
-from agent.views.trials import LIVE, Trial, is_number, state_counts, sweep_metric
-from agent.program.handoff import READY_TIMEOUT, WarmWorker
 
 POLL_SECONDS = 0.5
 REAP_SECONDS = 5.0  # how often the controllers of other boxes are checked on: their trials crash with them
-
-
-def _die_with_parent():
-    # A trial outliving a kill -9'd controller would finish unseen. SIGUSR1 is a preemption notice:
-    # ours saves its full state, which --retry-crashed then resumes from.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
-
-
-SWEEPS_HOME = Path("sweeps-local")  # where a sweep's DIR goes when the command names none
-
-
-def trial_limit(sweep: dict, count: int | None) -> int | None:
-    """How many trials the sweep may have in all: --count and run_cap, the smaller; None for no limit."""
-    caps = [c for c in (count, sweep.get("run_cap")) if c]
-    return min(caps) if caps else None
-
-
-def work_left(trials: list[Trial], sweep: dict, count: int | None, retry_crashed: bool) -> bool:
-    """Whether a controller of this sweep would run anything: a paused or live trial, a crashed one it retries,
-    or a trial more (fewer than the limit, or a grid with points left)."""
-    if any(t.state == "paused" or t.state in LIVE or (retry_crashed and t.state == "crashed") for t in trials):
-        return True
-    limit = trial_limit(sweep, count)
-    if limit is not None:
-        return len(trials) < limit
-    if sweep.get("method") != "grid":
-        return True
-    runs = [as_sweep_run(t, sweep_metric(sweep)[0]) for t in trials]
-    return sweeps.next_run(engine_config(sweep), runs) is not None
-
-
-def progress(trials: list[Trial], sweep: dict, count: int | None) -> str:
-    """"2 paused, 1 finished of 4": the trials so far, and the limit when there is one."""
-    limit = trial_limit(sweep, count)
-    return state_counts(trials) + (f" of {limit}" if limit is not None else "")
-
-
-def sweeps_of(sweep: dict) -> list[Path]:
-    """The folders under ./sweeps-local that hold a sweep of this YAML, the most recently active first. The same
-    YAML is the same settings (the parsed file: its name, comments and layout do not count)."""
-    found = []
-    for database in SWEEPS_HOME.glob("*/sweep.db"):
-        try:
-            store = Store(sqlite_url(database.parent), readonly=True)
-        except UsageError:  # damaged, or no sweep yet: nothing to resume there
-            continue
-        try:
-            held = store.sweep()
-        finally:
-            store.close()
-        if held is not None and held[1] == json.loads(json.dumps(sweep)):
-            found.append(database.parent)
-    last_write = {d: max(f.stat().st_mtime for f in d.glob("sweep.db*")) for d in found}
-    return sorted(found, key=last_write.get, reverse=True)
-
-
-def open_sweep(sweep: dict, directory: str | None, sweep_id: str | None = None,
-               store_url: str | None = None) -> tuple[Store, str, Path]:
-    """The store of a validated sweep (made, or the same YAML's again: to resume it, or to join it from another
-    box), its id and DIR. With `store_url` (PostgreSQL), the sweep `sweep_id` there; else DIR/sweep.db."""
-    sweep_id = sweep_id or generate_id(8)
-    root = Path(directory) if directory else SWEEPS_HOME / sweep_id
-    if store_url:
-        store = Store(store_url)  # refused in one line before DIR is made, if the server says no
-        store.join(sweep_id, sweep)
-        root.mkdir(parents=True, exist_ok=True)
-        write_pointer(root, store)
-        return store, sweep_id, root
-    root.mkdir(parents=True, exist_ok=True)
-    store = Store(sqlite_url(root))
-    existing = store.sweep()  # a DIR holds one sweep: resumed under its own id
-    store.join(existing[0] if existing else sweep_id, sweep)
-    return store, store.sweep_id, root
 
 
 @dataclass
@@ -123,26 +50,39 @@ class Running:
         self.exited = os.pidfd_open(self.proc.pid)  # readable once the process has exited
 
 
-class LocalSweep:
-    """`warm`: a warm worker per slot (agent/program/warm.py; our program only). `resumes`: the program continues a
-    requeued trial from its saved state (ours): a pause sends it a preemption notice, and its metric history
-    goes on. `on_trial_end(DIR)`: called as each trial ends (the report: --report); its last return value is
-    printed last."""
 
-    def __init__(self, *, store: Store, sweep_id: str, sweep: dict, root: Path, gpus: list[str | None],
-                 count: int | None, retry_crashed: bool, max_consecutive_failures: int, grace: float,
-                 view: SweepView, warm: bool, resumes: bool, on_trial_end: Callable[[Path], Path] | None = None,
-                 resume_command: str = "the same command"):
-        self.store, self.sweep_id, self.sweep, self.root = store, sweep_id, sweep, root.resolve()
-        self.engine = engine_config(sweep)
-        self.metric = sweep_metric(sweep)[0]
-        self.limit = trial_limit(sweep, count)
-        self.gpus = gpus  # per worker slot: the GPU it pins (CUDA_VISIBLE_DEVICES) or None
-        self.slot_trials: list[str | None] = [None] * len(gpus)  # per worker slot: its running trial
-        self.retry_crashed, self.max_failures, self.grace = retry_crashed, max_consecutive_failures, grace
-        self.view, self.warm, self.resumes, self.on_trial_end = view, warm, resumes, on_trial_end
-        self.resume_command = resume_command  # what every message that promises a resume prints
-        self.workers: list[WarmWorker | None] = [None] * len(gpus)
+@dataclass
+class Options:
+    """How a controller runs its sweep. `gpus`: a slot each (its CUDA_VISIBLE_DEVICES, or None for a CPU slot).
+    `warm`: a warm worker per slot (agent/program/warm.py; our program only). `resumes`: the program continues a
+    requeued trial from its saved state (ours): a pause sends it a preemption notice, and its metric history
+    goes on. `resume_command`: what every message that promises a resume prints."""
+    gpus: list[str | None]
+    count: int | None = None
+    retry_crashed: bool = False
+    max_consecutive_failures: int = 5
+    grace: float = 60.0
+    warm: bool = False
+    resumes: bool = False
+    resume_command: str = "the same command"
+
+
+class LocalSweep:
+    """The controller's loop: slots filled with the engine's suggestions, trials polled for their metrics and
+    their end, stops and pauses sent. `view`: the live view (views/status.SweepView: update(trials), event(line),
+    a context manager). `on_trial_end(DIR)`: called as each trial ends (the report: --report); its last return
+    value is printed last."""
+
+    def __init__(self, opened: Opened, options: Options, view, on_trial_end: Callable[[Path], Path] | None = None):
+        self.store, self.sweep_id, self.sweep = opened.store, opened.sweep_id, opened.sweep
+        self.root = opened.root.resolve()
+        self.options, self.view, self.on_trial_end = options, view, on_trial_end
+        self.engine = engine_config(self.sweep)
+        self.metric = sweep_metric(self.sweep)[0]
+        self.limit = trial_limit(self.sweep, options.count)
+        self.gpus, self.grace = options.gpus, options.grace
+        self.slot_trials: list[str | None] = [None] * len(self.gpus)  # per slot: its running trial
+        self.workers: list[WarmWorker | None] = [None] * len(self.gpus)
         self.last_report: Path | None = None
         self.controller = generate_id(12)
         self.procs: dict[str, Running] = {}
@@ -160,8 +100,9 @@ class LocalSweep:
         self.store.register_controller(self.controller)
         self.reap()
         trials = self.store.trials()
-        self.to_retry = [t.id for t in trials if t.state == "paused" or (self.retry_crashed and t.state == "crashed")]
-        if paused := sum(t.state == "paused" for t in trials):
+        retried = (PAUSED, CRASHED) if self.options.retry_crashed else (PAUSED,)
+        self.to_retry = [t.id for t in trials if t.state in retried]
+        if paused := sum(t.state == PAUSED for t in trials):
             self.view.event(f"resuming {paused} paused trial(s) first")
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -171,7 +112,7 @@ class LocalSweep:
                 while True:
                     self.store.heartbeat(self.controller)
                     if time.monotonic() - reaped > REAP_SECONDS:
-                        self.to_retry += [t for t in self.reap() if self.retry_crashed]
+                        self.to_retry += [t for t in self.reap() if self.options.retry_crashed]
                         reaped = time.monotonic()
                     self.handle_signals()
                     self.poll_trials()
@@ -186,8 +127,8 @@ class LocalSweep:
                     select.select([r.exited for r in self.procs.values()], [], [], POLL_SECONDS)
                 trials = self.store.trials()
                 self.view.update(trials)
-            if paused := sum(t.state == "paused" for t in trials):
-                self.view.event(f"{paused} trial(s) paused; resume: {self.resume_command}")
+            if paused := sum(t.state == PAUSED for t in trials):
+                self.view.event(f"{paused} trial(s) paused; resume: {self.options.resume_command}")
             if self.on_trial_end is not None:  # the last line: where to look
                 self.view.event(f"report: {self.last_report or self.on_trial_end(self.root)}")
         finally:
@@ -197,22 +138,24 @@ class LocalSweep:
                 signal.signal(s, handler)
             self.store.unregister_controller(self.controller)
         if self.interrupted:
-            return 130
-        if not self.failure_message and any(t.state == "failed" for t in trials) and \
-                not any(t.state in ("finished", "stopped") for t in trials):
+            return contract.EXIT_INTERRUPTED
+        if not self.failure_message and any(t.state == FAILED for t in trials) and \
+                not any(t.state in (FINISHED, STOPPED) for t in trials):
             self.view.event(f"no trial finished; {sum(t.state == 'failed' for t in trials)} failed")
             return 1
         return 1 if self.failure_message else 0
 
     def _on_signal(self, signum, frame):
         self.signals_received += 1
-        self.interrupted_by = self.interrupted_by or ("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
+        said = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.interrupted_by = self.interrupted_by or said
 
     def reap(self) -> list[str]:
         """The live trials of controllers that died, here or on another box, marked crashed."""
         reaped = self.store.reap_dead_controllers()
         for trial_id in reaped:
-            retrying = "; retrying it" if self.retry_crashed else f"; resume it: {self.resume_command} --retry-crashed"
+            retrying = "; retrying it" if self.options.retry_crashed else \
+                f"; resume it: {self.options.resume_command} --retry-crashed"
             self.view.event(f"{trial_id} crashed: its controller died{retrying}")
         return reaped
 
@@ -225,17 +168,17 @@ class LocalSweep:
         self.signals_handled = self.signals_received
         self.stopping = self.interrupted = True
         if first:
-            saving = "they save their state" if self.resumes else "they are stopped"
+            saving = "they save their state" if self.options.resumes else "they are stopped"
             self.view.event(f"interrupted: pausing running trials ({saving}); interrupt again to kill them; "
-                            f"resume: {self.resume_command}")
+                            f"resume: {self.options.resume_command}")
         else:
             self.view.event("interrupted again: killing running trials" +
-                            (" (they resume from their last full epoch)" if self.resumes else ""))
+                            (" (they resume from their last full epoch)" if self.options.resumes else ""))
             self.grace = 0
         for running in self.procs.values():
             running.paused = True
             if running.signalled_at is None or not first:
-                pause = signal.SIGUSR1 if self.resumes else signal.SIGTERM
+                pause = contract.PREEMPT if self.options.resumes else contract.STOP
                 self._signal(running.proc, pause if first else signal.SIGKILL)
                 running.signalled_at = running.signalled_at or time.time()
 
@@ -256,10 +199,10 @@ class LocalSweep:
             trials = self.store.trials()
             while self.to_retry:
                 retry = self.store.trial(self.to_retry.pop(0))
-                if retry.state in ("paused", "crashed"):
+                if retry.state in (PAUSED, CRASHED):
                     # A program that resumes goes on from its saved epoch: its metric history goes on too.
-                    kept = {} if self.resumes else {"history": [], "metric": None}
-                    self.store.update(retry.id, state="pending", controller=self.controller, reason=None,
+                    kept = {} if self.options.resumes else {"history": [], "metric": None}
+                    self.store.update(retry.id, state=PENDING, controller=self.controller, reason=None,
                                       stop_requested=None, exit_code=None, host=socket.gethostname(), **kept)
                     return self.store.trial(retry.id)
             if self.limit is not None and len(trials) >= self.limit:
@@ -293,19 +236,21 @@ class LocalSweep:
         env = self.slot_env(slot)
         env.update(WANDB_SWEEP_ID=self.sweep_id, WANDB_RUN_ID=trial.id, WANDB_SWEEP_PARAM_PATH=str(param_path))
         if self.workers[slot] is not None:
-            env["AGENT_WARM_SOCKET"] = self.workers[slot].socket
+            env[contract.WARM_SOCKET_ENV] = self.workers[slot].socket
         gpu = self.gpus[slot]
         try:
             with (self.root / "logs" / f"{trial.id}.log").open("ab") as log:
                 proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                        preexec_fn=_die_with_parent)
+                                        # A trial outliving a kill -9'd controller would finish unseen. PREEMPT:
+                                        # ours saves its full state, which --retry-crashed resumes from.
+                                        preexec_fn=lambda: die_with_parent(contract.PREEMPT))
         except OSError as e:
-            self.store.update(trial.id, state="failed", reason=f"cannot start {command[0]}: {e.strerror}",
+            self.store.update(trial.id, state=FAILED, reason=f"cannot start {command[0]}: {e.strerror}",
                               ended=time.time())
             self._count_failure(trial.id, f"cannot start {command[0]}: {e.strerror}")
             return
-        self.store.update(trial.id, state="running", pid=proc.pid, gpu=gpu, started=time.time())
+        self.store.update(trial.id, state=RUNNING, pid=proc.pid, gpu=gpu, started=time.time())
         self.procs[trial.id] = Running(proc)
         self.slot_trials[slot] = trial.id
         # a retried trial reuses its run id: its earlier attempt's log is not this attempt's
@@ -334,7 +279,7 @@ class LocalSweep:
         """A warm worker per slot, ready before the first trial (a trial that found none would start cold).
         One that cannot import what every trial imports is an error before the first trial."""
         (self.root / "logs").mkdir(exist_ok=True)
-        if not self.warm:
+        if not self.options.warm:
             return
         self.view.event(f"starting {len(self.gpus)} warm worker(s): torch, Lightning and wandb are imported "
                         "once per slot, not once per trial")
@@ -363,7 +308,7 @@ class LocalSweep:
             if code is not None:
                 self._finish(trial, code, running)
             elif trial.stop_requested and running.signalled_at is None:
-                self._signal(running.proc, signal.SIGTERM)
+                self._signal(running.proc, contract.STOP)
                 running.signalled_at = time.time()
             elif running.signalled_at is not None and time.time() - running.signalled_at > self.grace:
                 self._signal(running.proc, signal.SIGKILL)
@@ -385,13 +330,13 @@ class LocalSweep:
         summary = running.reader.summary if running.reader is not None else {}
         state, reason = outcome(code, trial.stop_requested is not None, running.paused, summary, self.metric,
                                 trial.metric, trial.history, output)
-        if state == "paused":
-            reason = f"paused by {self.interrupted_by}; resume: {self.resume_command}"
+        if state == PAUSED:
+            reason = f"paused by {self.interrupted_by}; resume: {self.options.resume_command}"
         self.store.update(trial.id, state=state, reason=reason, exit_code=code, ended=time.time())
         self.view.event(f"{trial.id} {state}" + (f": {reason}" if reason else ""))
         if self.on_trial_end is not None:
             self.last_report = self.on_trial_end(self.root)
-        if state == "failed":
+        if state == FAILED:
             self._count_failure(trial.id, reason)
         else:
             self.consecutive_failures = 0
@@ -403,7 +348,7 @@ class LocalSweep:
         if broken := environment_error(reason, self.slot_env(0)):  # the next trials would fail the same way
             self.stopping = True
             self.failure_message = f"stopping: the sweep's program cannot run here: {trial_id}: {broken}"
-        elif self.consecutive_failures >= self.max_failures:
+        elif self.consecutive_failures >= self.options.max_consecutive_failures:
             self.stopping = True
             self.failure_message = (f"stopping: {self.consecutive_failures} trials failed in a row "
                                     f"(--max-consecutive-failures); last: {trial_id}: {reason}")
@@ -422,7 +367,7 @@ class LocalSweep:
             return
         trials = self.store.trials()
         to_stop = sweeps.stop_runs(self.engine, [as_sweep_run(t, self.metric) for t in trials])
-        live = {t.id for t in trials if t.state == "running" and t.stop_requested is None}
+        live = {t.id for t in trials if t.state == RUNNING and t.stop_requested is None}
         for run in to_stop:
             if run.name in live:
                 self.store.update(run.name, stop_requested=time.time())

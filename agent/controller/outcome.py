@@ -8,11 +8,11 @@ diverging loss: `diverged_at_step`), so the trial is finished even if a hyperban
 
 import re
 
+from agent.contract import CUT_SHORT, DIVERGED_AT_STEP, ENDED_BY, FAILED, FINISHED, PAUSED, STOPPED
 from agent.install import interpreter_hint, matching_pair_command
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 WANDB_LINE = re.compile(r"wandb:( |$)")  # wandb's own closing lines (find logs at, sync with ...)
-CUT_SHORT = ("stop", "interrupt")
 # An error every trial will hit, and its fix: a broken installation, not a bad config.
 ENVIRONMENT = [re.compile(r"operator torchvision::\w+ does not exist"), re.compile(r"No module named '([\w.]+)'"),
                re.compile(r"^(ImportError|OSError): .*(lib\w*\.so|undefined symbol)")]
@@ -47,20 +47,20 @@ def environment_error(reason: str, env: dict) -> str | None:
 
 def diverged(summary: dict) -> str | None:
     """The reason a run's summary gives for a loss that stopped being finite, if it does."""
-    return f"diverged at step {summary['diverged_at_step']}" if "diverged_at_step" in summary else None
+    return f"diverged at step {summary[DIVERGED_AT_STEP]}" if DIVERGED_AT_STEP in summary else None
 
 
 def outcome(code: int, stop_requested: bool, paused: bool, summary: dict, metric: str | None,
             metric_value: float | None, history: list, output: str) -> tuple[str, str | None]:
     """(state, reason) of a trial that exited with `code`."""
-    ended_by = summary.get("ended_by")
+    ended_by = summary.get(ENDED_BY)
     # A trial that says it completed (ours exits 0 only then) finished before the pause could matter.
     if paused and (code != 0 or ended_by is None or ended_by in CUT_SHORT):
-        return "paused", None  # why, and how to resume it: the controller's to say
+        return PAUSED, None  # why, and how to resume it: the controller's to say
     if stop_requested and (ended_by is None or ended_by in CUT_SHORT):  # ended by the stop, however it exited
-        return "stopped", "early-terminated by hyperband"
+        return STOPPED, "early-terminated by hyperband"
     if code != 0:
-        return "failed", f"exit code {code}: {own_error(output)}"
+        return FAILED, f"exit code {code}: {own_error(output)}"
     if metric and metric_value is None and not diverged(summary):
-        return "failed", f"{metric} is NaN or infinite" if history else f"no {metric} logged"
-    return "finished", diverged(summary)
+        return FAILED, f"{metric} is NaN or infinite" if history else f"no {metric} logged"
+    return FINISHED, diverged(summary)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from wandb.proto import wandb_internal_pb2 as pb

@@ -15,21 +15,39 @@ PGPASSWORD or ~/.pgpass), so that `status`, `report` and `best` read a shared sw
 """
 
 import json
+import math
 import os
 import socket
 import sqlite3
 import time
 import zlib
 from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine, delete,
-                        event, func, insert, select, text, update)
+from sqlalchemy import (
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from agent.contract import CRASHED, LIVE, PENDING, STATES
 from agent.errors import SWEEP_PATH, UsageError
-from agent.views.trials import LIVE, Trial
 
 POINTER = "store.json"
 SCHEMA_LOCK = zlib.crc32(b"cifar-sweeps schema")  # PostgreSQL advisory lock key while the tables are made
@@ -60,6 +78,42 @@ CONTROLLERS = Table("controllers", METADATA, Column("id", String, primary_key=Tr
 TABLES = {t.name: {c.name for c in t.columns} for t in (SWEEPS, TRIALS, CONTROLLERS)}
 TRIAL_COLUMNS = ("id", "params", "state", "metric", "history", "exit_code", "reason", "host", "pid", "gpu",
                  "created", "started", "ended", "stop_requested")
+
+
+@dataclass
+class Trial:
+    id: str
+    params: dict
+    state: str
+    metric: float | None = None
+    history: list = field(default_factory=list)
+    exit_code: int | None = None
+    reason: str | None = None
+    pid: int | None = None
+    gpu: str | None = None
+    host: str | None = None  # the box it ran on
+    created: float = 0.0
+    started: float | None = None
+    ended: float | None = None
+    stop_requested: float | None = None
+
+    @property
+    def config(self) -> dict:
+        return {name: spec.get("value") for name, spec in self.params.items()}
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.started is None else (self.ended or time.time()) - self.started
+
+
+def is_number(value) -> bool:
+    """A finite int or float (not a bool): a usable metric or parameter value."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def state_counts(trials: list[Trial]) -> str:
+    """"3 finished, 1 stopped", in the order of STATES; "no trials yet" when there are none."""
+    return ", ".join(f"{n} {s}" for s in STATES if (n := sum(t.state == s for t in trials))) or "no trials yet"
 
 
 def _trial(row) -> Trial:
@@ -239,7 +293,7 @@ class Store:
     def add_trial(self, trial_id: str, params: dict, controller: str) -> None:
         with self._connect() as c:
             c.execute(insert(TRIALS).values(sweep_id=self.sweep_id, id=trial_id, params=json.dumps(params),
-                                            state="pending", controller=controller, host=socket.gethostname(),
+                                            state=PENDING, controller=controller, host=socket.gethostname(),
                                             created=time.time()))
 
     def update(self, trial_id: str, **values) -> None:
@@ -281,7 +335,7 @@ class Store:
             orphans = [r.id for r in c.execute(select(TRIALS.c.id, TRIALS.c.controller).where(
                 TRIALS.c.sweep_id == self.sweep_id, TRIALS.c.state.in_(LIVE))) if r.controller not in alive]
             for trial_id in orphans:
-                self.update(trial_id, state="crashed", reason="its controller died", ended=now)
+                self.update(trial_id, state=CRASHED, reason="its controller died", ended=now)
         return orphans
 
 

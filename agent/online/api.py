@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from agent.errors import UsageError, describe_validation_error
+from agent.errors import UsageError, describe_validation_error, first_line
 
 if TYPE_CHECKING:  # imported where used: wandb takes seconds to import
     import wandb
@@ -21,10 +21,6 @@ RELOGIN = "check WANDB_API_KEY, or run `wandb login --relogin`"
 PATIENCE = {"x_graphql_retry_max": 2, "x_graphql_retry_wait_max_seconds": 2.0, "x_graphql_timeout_seconds": 10.0}
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
 REFUSED = (401, 403)  # the server's answer to a key it does not accept
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 @contextlib.contextmanager

@@ -20,11 +20,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.contract import WARM_SOCKET_ENV
+from agent.controller.processes import READY_TIMEOUT, WarmWorker
 from agent.errors import SWEEP_PATH, UsageError
 from agent.install import this_python_first
-from agent.program.validate import load_sweep, runs_our_program, sweep_problems
 from agent.online.api import find_sweep, wandb_api
-from agent.program.handoff import READY_TIMEOUT, WarmWorker
+from agent.program.validate import load_sweep, runs_our_program, sweep_problems
 from cifar_core.config import default_project
 
 RUN_STARTED = re.compile(r"Agent Starting Run: (\w+)")
@@ -128,7 +129,7 @@ class Launcher:
         if slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
         if slot.worker is not None:  # the agent passes its environment on to each run it starts
-            env["AGENT_WARM_SOCKET"] = slot.worker.socket
+            env[WARM_SOCKET_ENV] = slot.worker.socket
         return env
 
     def dry_run(self) -> int:

@@ -1,5 +1,4 @@
-"""The light side of warm trials: the workers' starter, and `python -m agent run ...` handing itself
-to its slot's worker.
+"""The light side of warm trials: `python -m agent run ...` handing itself to its slot's worker.
 
 Standard library only, imported before anything else by agent/__main__.py: a trial that finds
 its slot's worker (AGENT_WARM_SOCKET, set by `agent local` and `agent launch`) starts training in
@@ -11,8 +10,7 @@ it (the local controller, `wandb agent`): it relays every signal it gets to the 
 the trial ended, with the same exit code or killed by the same signal. No worker, or a worker
 that refuses: None, and the program runs cold, as it always could.
 
-`agent local` and `agent launch` start a WarmWorker per slot (GPU or CPU worker) and wait until
-it is ready; a worker that cannot start only means cold trials, with a line saying so.
+`agent local` and `agent launch` start the workers (agent/controller/workers.py).
 
 Messages, one JSON object per datagram:
   client -> worker  {"op": "start", ...} with fds 0, 1, 2;  {"op": "signal", "signum": N}
@@ -21,54 +19,16 @@ Messages, one JSON object per datagram:
   trial  -> client  {"op": "exiting", "code": C}: its own word, for when the worker died first
 """
 
-import ctypes
 import json
 import os
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-SOCKET_ENV = "AGENT_WARM_SOCKET"
+from agent import contract
+
 RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGQUIT)
 MAX_MESSAGE = 1 << 20
-READY_TIMEOUT = 300  # seconds a worker may take to import everything on a slow, busy box
-
-
-def _stop_with_parent():
-    # A controller killed with SIGKILL must not leave its workers behind: SIGTERM ends a worker once
-    # its running trials have ended.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class WarmWorker:
-    """`python -m agent.program.warm` for one slot, its output in `log`. Socket paths are short (the kernel
-    allows 108 bytes), so they live in a temporary folder, not in the sweep's."""
-
-    def __init__(self, name: str, env: dict, log: Path):
-        self.folder = tempfile.mkdtemp(prefix="agent-warm-")
-        self.socket = os.path.join(self.folder, f"{name}.sock")
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "agent.program.warm", self.socket], env=env, stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_stop_with_parent)
-
-    def ready(self) -> bool | None:
-        """True once it listens, False if it exited (its trials run cold), None while it is starting."""
-        if os.path.exists(self.socket):
-            return True
-        return False if self.proc.poll() is not None else None
-
-    def stop(self) -> None:
-        """Takes no new trial; returns once its running trials have ended and it has exited."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        self.proc.wait()
-        for leftover in Path(self.folder).iterdir():
-            leftover.unlink()
-        os.rmdir(self.folder)
 
 
 def send(sock: socket.socket, message: dict, fds: tuple[int, ...] = ()) -> None:
@@ -79,7 +39,7 @@ def run_warm(argv: list[str]) -> int | None:
     """Runs `agent run ARGV` in this slot's warm worker: its exit code, or None to run cold."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        sock.connect(os.environ[SOCKET_ENV])
+        sock.connect(os.environ[contract.WARM_SOCKET_ENV])
     except OSError:  # no worker (yet, or any more): the cold path is always correct
         sock.close()
         return None

@@ -1,80 +1,138 @@
-"""`python -m agent run --key=value ...`: the program every sweep runs.
+"""`python -m agent run --key=value ...`: the program every sweep runs, and the one owner of how a run ends.
 
-Parses the flags W&B's `${args}` macros produce (`--key=value`, `--key value`,
-bare `--flag` for true) into a TrainConfig, starts the W&B run (a sweep's values
-override the flags and defaults), validates the run's final config, and trains.
-A bad key, value or data file exits 2 with one line (a misspelt key: the close ones).
+Parses the flags (flags.py), prepares the inputs (inputs.py), starts the W&B run (a sweep's values override
+the flags and defaults; the run's final config is validated again), and trains (cifar_core.train) with:
+
+- requests from the signals the contract names (agent/contract.py): STOP, INTERRUPT and PREEMPT, and W&B's
+  stop, which the SDK reports instead of interrupting the main thread;
+- a W&B record: Lightning's WandbLogger, the summary, the best model as the `model-<id>` artifact as it
+  improves, the prediction images, the preempted state as `resume-<id>` with mark_preempting();
+- the state of an earlier attempt of the run id to resume from: on disk, or its `resume-<id>` artifact.
+
+Then the run's summary says how training ended, and it finishes with the exit code that says it: 0 for a
+run that did its work (stopped or not), EXIT_INTERRUPTED, EXIT_PREEMPTED (W&B requeues it), EXIT_USAGE for
+a bad input, EXIT_FAILED for a dead rank or an error.
 """
 
-import itertools
 import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, get_args, get_origin
 
-from pydantic import ValidationError
-from pydantic.fields import FieldInfo
-
-from agent.errors import RunEndedEarly, UsageError, describe_validation_error, did_you_mean
+from agent import contract
+from agent.errors import RunEndedEarly, UsageError
+from agent.program.flags import make_config, parse_flags
+from agent.program.hold import Hold
+from agent.program.inputs import prepare_data
 from cifar_core.config import TrainConfig
-from cifar_core.stopping import EXIT_CODES, INTERRUPT, PREEMPT, StopRequests, completed_exit_code
+from cifar_core.ending import Ending, Request, Requests
+from cifar_core.record import Record
 
-BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}  # pydantic's Field constraints, as help shows them
-
-
-def parse_flags(argv: list[str]) -> dict[str, str]:
-    flags, i = {}, 0
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--") or token == "--":
-            raise UsageError(f"unexpected argument {token!r}: expected --key=value")
-        key, has_value, value = token[2:].partition("=")
-        if not has_value:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value, i = argv[i + 1], i + 1
-            else:
-                value = "true"  # W&B's ${args_no_boolean_flags} passes true booleans bare
-        flags[key.replace("-", "_")] = value
-        i += 1
-    return flags
+MEANINGS = {contract.STOP: Request.STOP, contract.INTERRUPT: Request.INTERRUPT, contract.PREEMPT: Request.PREEMPT}
+ENDED_BY = {Ending.COMPLETED: contract.COMPLETED, Ending.EARLY_STOPPING: contract.EARLY_STOPPING,
+            Ending.DIVERGED: contract.DIVERGED, Ending.STOPPED: contract.BY_STOP,
+            Ending.INTERRUPTED: contract.BY_INTERRUPT}
 
 
-def make_config(values: dict) -> TrainConfig:
-    unknown = sorted(set(values) - set(TrainConfig.model_fields))
-    if unknown:
-        raise UsageError(f"unknown key {unknown[0]!r}; {did_you_mean(unknown[0], TrainConfig.model_fields)}")
+class SignalRequests(Requests):
+    """The contract's signals as requests, listened for from before the imports to the end of the run, so that
+    none is lost; a second INTERRUPT exits at once (the user wants out, whatever is left unsaved)."""
+
+    signals = tuple(MEANINGS)
+
+    def __init__(self):
+        super().__init__()
+        self.previous: dict = {}
+
+    def _on_signal(self, signum, frame):
+        if MEANINGS[signum] == Request.INTERRUPT and self.reason == Request.INTERRUPT:
+            os._exit(contract.EXIT_INTERRUPTED)
+        self.request(MEANINGS[signum])
+
+    def wandb_stop(self) -> None:
+        """For `wandb.Settings(stop_fn=...)`: W&B's stop, from an SDK thread."""
+        self.request(Request.STOP)
+
+    def listen(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            handlers = {s: signal.signal(s, self._on_signal) for s in self.signals}
+            self.previous = self.previous or handlers
+
+    def __enter__(self):
+        self.listen()
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+
+class WandbRecord(Record):
+    """What a run of ours logs to its W&B run, under the contract's names."""
+
+    def __init__(self, run, hold: Hold):
+        from lightning.pytorch.loggers import WandbLogger
+
+        self.run, self.hold = run, hold
+        self.logger = WandbLogger(experiment=run)
+
+    def note(self, values: dict) -> None:
+        self.run.summary.update(values)
+
+    def best_model(self, path: Path, metadata: dict) -> None:
+        import wandb
+
+        self.hold.at("artifact")
+        metadata = {**metadata, contract.MODEL_IN_RUN: str(path.relative_to(Path(self.run.dir).parent))}
+        artifact = wandb.Artifact(contract.MODEL_ARTIFACT.format(run_id=self.run.id), type="model", metadata=metadata)
+        # The default policy copies the file into W&B's staging area now, so best.ckpt may be overwritten by the
+        # next improvement while an upload of this one is still under way.
+        artifact.add_file(str(path), name=contract.MODEL_FILE)
+        self.run.log_artifact(artifact, aliases=[contract.BEST_ALIAS, "latest"])
+
+    def examples(self, images: list, predicted: list[str], labels: list[str], step: int) -> None:
+        captions = [contract.CAPTION.format(predicted=p, label=y) for p, y in zip(predicted, labels)]
+        self.logger.log_image(key=contract.EXAMPLES, images=images, caption=captions, step=step)
+
+    def preempted(self, state: Path) -> None:
+        import wandb
+
+        artifact = wandb.Artifact(contract.RESUME_ARTIFACT.format(run_id=self.run.id), type="checkpoint",
+                                  metadata={"reason": "preempted"})
+        # Referenced in place: nothing writes the state again before this process has exited.
+        artifact.add_file(str(state), name="resume.ckpt", policy="immutable")
+        self.run.log_artifact(artifact, aliases=["latest"])
+        self.run.mark_preempting()
+
+    def at(self, phase: str) -> None:
+        self.hold.at(phase)
+
+    def rank_died(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+        self.run.summary[contract.FAILED_RANK] = message
+        self.run.finish(exit_code=contract.EXIT_FAILED)
+        os._exit(contract.EXIT_FAILED)
+
+
+def resume_from(run) -> Path | None:
+    """The newest full state an earlier attempt of this run id saved: on this box, in the run folders beside
+    this one; else, requeued on another box, what the preempted attempt logged."""
+    import wandb
+
+    from cifar_core.checkpoints import resumable
+
+    here = Path(run.dir).parent
+    earlier = [d for d in here.parent.glob(f"*run-*-{run.id}") if d != here]
+    if (found := resumable(earlier)) is not None or not run.resumed or run.offline:
+        return found
     try:
-        return TrainConfig(**values)
-    except ValidationError as e:
-        raise UsageError(describe_validation_error(e)) from None
-
-
-def as_flag(value) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def allowed_values(name: str, field: FieldInfo) -> str:
-    """What a key accepts, as a user types it: `adam | adamw | sgd`, `true | false`, `float, lr > 0`."""
-    if field.description:
-        return field.description
-    if get_origin(field.annotation) is Literal:
-        return " | ".join(map(as_flag, get_args(field.annotation)))
-    if field.annotation is bool:
-        return "true | false"
-    bounds = [(op, getattr(m, attr)) for attr, op in BOUNDS.items() for m in field.metadata if hasattr(m, attr)]
-    kinds = [t for t in get_args(field.annotation) if t is not type(None)] or [field.annotation]
-    kind = kinds[0].__name__ + (", or unset" if len(kinds) < len(get_args(field.annotation)) else "")
-    if len(bounds) == 2:  # lower first, as BOUNDS lists them
-        (low_op, low), (high_op, high) = bounds
-        return f"{kind}, {low} {low_op.replace('>', '<')} {name} {high_op} {high}"
-    return ", ".join([kind, *(f"{name} {op} {v}" for op, v in bounds)])
-
-
-def config_help() -> str:
-    lines = ["Keys (--key=value), with their defaults and what each accepts:"]
-    for name, field in TrainConfig.model_fields.items():
-        flag = f"  --{name}={as_flag(field.get_default(call_default_factory=True))}"
-        lines.append(f"{flag:<30}  ({allowed_values(name, field)})")
-    return "\n".join(lines)
+        folder = run.use_artifact(contract.RESUME_ARTIFACT.format(run_id=run.id) + ":latest").download()
+    except (wandb.errors.CommError, ValueError):
+        return None
+    return Path(folder) / "resume.ckpt"
 
 
 def seconds_since_process_start() -> float:
@@ -85,98 +143,68 @@ def seconds_since_process_start() -> float:
         return float(f.read().split()[0]) - started
 
 
-def prepare_data(config: TrainConfig, in_sweep: bool = False) -> None:
-    """The config's inputs in place, or one line saying what is missing or wrong and what fixes it (as flags,
-    or as the sweep's parameters when the config comes from a sweep): CIFAR fetched once per box, an image
-    folder checked and decoded once per box, pretrained weights downloaded once per box, a pretrained_path
-    that holds the network's weights (the network made once to compare). Before any run exists; without
-    torch, but for pretrained weights."""
-    from cifar_core.fetch import ARCHIVES, DatasetError, fetch
+def logged_run(config: TrainConfig, requests: SignalRequests, callbacks: Sequence = ()) -> dict:
+    """One training of `config` as a W&B run: the one wandb.init and finish of this program. Returns the result
+    of train() with the run id and `ended_by` as the contract names it; raises RunEndedEarly with the exit code
+    of a preempted, interrupted or failed run, UsageError for a bad input."""
+    import wandb
 
-    if config.pretrained_path and not Path(config.pretrained_path).expanduser().is_file():
-        raise UsageError(f"pretrained_path={config.pretrained_path!r}: no such file (expected the network's "
-                         "weights: a .safetensors file or a torch state dict)")
+    in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
+    started_init = seconds_since_process_start()
+    # resume="allow": a requeued (preempted) sweep run comes back under its own id and continues.
+    # Under a sweep the project is the sweep's: naming one only makes wandb print that it ignores it.
+    run = wandb.init(project=None if in_sweep else config.project, config=config.model_dump(), job_type="train",
+                     resume="allow", settings=wandb.Settings(stop_fn=requests.wandb_stop))
+    initialized = seconds_since_process_start()
     try:
-        if config.dataset in ARCHIVES:
-            fetch(config.dataset, config.data_dir)
-        elif config.dataset == "imagefolder":
-            from cifar_core.folder import load_folder
+        # Under a sweep the run's config holds the sweep's values; validate what will train.
+        config = make_config(dict(run.config))
+        prepare_data(config, in_sweep)
+    except UsageError:
+        run.finish(exit_code=contract.EXIT_USAGE)
+        raise
+    from cifar_core.checkpoints import checkpoint_dir
+    from cifar_core.ddp import RankDied
+    from cifar_core.ending import Preempted
+    from cifar_core.fetch import DatasetError
+    from cifar_core.train import train  # torch and Lightning load only for valid input
 
-            load_folder(config.data_dir, config.resolution, config.cache_dir)
-        if config.pretrained_path:
-            from cifar_core.model import check_pretrained
-
-            check_pretrained(config.model, config.pretrained_path)
-        elif config.pretrained:
-            from cifar_core.model import TIMM, create_model, in_hub_cache
-
-            if not in_hub_cache(config.model.removeprefix(TIMM)):  # downloaded once, under the lock
-                create_model(config.model, pretrained=True)
-    except DatasetError as e:
-        raise UsageError(e.in_sweep() if in_sweep else str(e)) from None
-
-
-# what decides the data a trial reads, and the weights it starts from
-DATA_FIELDS = ("dataset", "data_dir", "image_size", "cache_dir", "model", "pretrained", "pretrained_path")
-
-
-def prepare_sweep(sweep: dict) -> None:
-    """The data of a sweep of our program, prepared once before its first trials (not by each at once), or
-    one line saying what is wrong. Ranges are left to the trials (they share the same lock)."""
-    from agent.program.validate import candidate_values
-
-    parameters = sweep.get("parameters") or {}
-    choices = [candidate_values(parameters[name]) if name in parameters else [None] for name in DATA_FIELDS]
-    for values in itertools.product(*choices):
-        prepare_data(make_config({k: v for k, v in zip(DATA_FIELDS, values) if v is not None}), in_sweep=True)
+    # Where a trial's time goes, beside its metrics (train() adds the rest): start-up is this process's start
+    # to training's, imports and wandb.init included.
+    run.summary.update({"trial/startup_s": seconds_since_process_start(),
+                        "trial/wandb_init_s": initialized - started_init})
+    hold = Hold.from_env()
+    try:
+        result = train(config, WandbRecord(run, hold), requests, checkpoint_dir(Path(run.dir).parent),
+                       resume_from(run), [*callbacks, hold.callback()])
+    except DatasetError as e:  # corrupt data files: the user's to fix, not a crash
+        run.finish(exit_code=contract.EXIT_USAGE)
+        raise UsageError(str(e)) from None
+    except Preempted as e:
+        run.finish(exit_code=contract.EXIT_PREEMPTED)
+        raise RunEndedEarly(str(e), contract.EXIT_PREEMPTED) from None
+    except RankDied as e:  # what failed is that rank, not the collective rank 0 was waiting in
+        run.summary[contract.FAILED_RANK] = str(e)
+        run.finish(exit_code=contract.EXIT_FAILED)
+        raise RunEndedEarly(str(e), contract.EXIT_FAILED) from None
+    except BaseException:
+        run.finish(exit_code=contract.EXIT_FAILED)
+        raise
+    ended_by = ENDED_BY[result["ended_by"]]
+    run.summary[contract.ENDED_BY] = ended_by
+    if result["ended_by"] == Ending.DIVERGED:
+        run.summary[contract.DIVERGED_AT_STEP] = result["diverged_at_step"]
+    # A PREEMPT that came after the last artifact leaves nothing to resume: that run is finished, not requeued.
+    interrupted = requests.reason == Request.INTERRUPT
+    run.finish(exit_code=contract.EXIT_INTERRUPTED if interrupted else 0)
+    if interrupted:
+        raise RunEndedEarly("interrupted; the best model so far is logged", contract.EXIT_INTERRUPTED)
+    return {"run_id": run.id, **result, "ended_by": ended_by}
 
 
 def run(argv: list[str]) -> dict:
-    """Trains; raises RunEndedEarly when a preemption or Ctrl-C must set a non-zero exit code."""
+    """`agent run ARGV`: trains once; raises RunEndedEarly when the exit code must not be 0."""
     config = make_config(parse_flags(argv))  # fail before any run exists
-    in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
-    with StopRequests() as requests:  # from here on a stop is never lost, even during imports and wandb.init
-        prepare_data(config, in_sweep)
-        import wandb
-
-        started_init = seconds_since_process_start()
-        # resume="allow": a requeued (preempted) sweep run comes back under its own id and continues.
-        # stop_fn: W&B's stop reaches the run as a request, not as a KeyboardInterrupt mid-step.
-        # Under a sweep the project is the sweep's: naming one only makes wandb print that it ignores it.
-        run = wandb.init(project=None if in_sweep else config.project, config=config.model_dump(),
-                         job_type="train", resume="allow", settings=wandb.Settings(stop_fn=requests.wandb_stop))
-        initialized = seconds_since_process_start()
-        try:
-            # Under a sweep the run's config holds the sweep's values; validate what will train.
-            config = make_config(dict(run.config))
-            prepare_data(config, in_sweep)
-        except UsageError:
-            run.finish(exit_code=2)
-            raise
-        from cifar_core.ddp import RankDied
-        from cifar_core.fetch import DatasetError
-        from cifar_core.train import Preempted, train  # torch and lightning load only for valid input
-        # Where a trial's time goes, beside its metrics (train() adds setup, fit, test and logging):
-        # start-up is this process's start to training's, imports and wandb.init included.
-        run.summary.update({"trial/startup_s": seconds_since_process_start(),
-                            "trial/wandb_init_s": initialized - started_init})
-
-        try:
-            result = train(config, requests=requests)
-        except DatasetError as e:  # corrupt data files: the user's to fix, not a crash
-            run.finish(exit_code=2)
-            raise UsageError(str(e)) from None
-        except Preempted as e:
-            run.finish(exit_code=EXIT_CODES[PREEMPT])
-            raise RunEndedEarly(str(e), EXIT_CODES[PREEMPT]) from None
-        except RankDied as e:  # what failed is that rank, not the collective rank 0 was waiting in
-            run.summary["failed_rank"] = str(e)
-            run.finish(exit_code=1)
-            raise RunEndedEarly(str(e), 1) from None
-        except BaseException:
-            run.finish(exit_code=1)
-            raise
-        run.finish(exit_code=completed_exit_code(requests.reason))
-    if requests.reason == INTERRUPT:
-        raise RunEndedEarly("interrupted; the best model so far is logged", EXIT_CODES[INTERRUPT])
-    return result
+    with SignalRequests() as requests:  # from here on a signal is never lost, even during imports and wandb.init
+        prepare_data(config, bool(os.environ.get("WANDB_SWEEP_ID")))
+        return logged_run(config, requests)

@@ -39,7 +39,8 @@ def preload() -> None:
 
     torch.set_num_threads(1)  # before any tensor op: see the module docstring
     # What a trial imports, once (wandb.init imports wandb.sdk.launch...: 0.5 s a trial otherwise).
-    for module in ("agent.program.run", "cifar_core.train", "cifar_core.folder", "timm", "wandb.sdk.launch.inputs.internal"):
+    for module in ("agent.program.run", "cifar_core.train", "cifar_core.folder", "timm",
+                   "wandb.sdk.launch.inputs.internal"):
         import_module(module)
     import wandb.util
 

@@ -11,15 +11,16 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from agent.views.trials import STATE_COLORS, Trial, is_number, ranked, short
+from agent.contract import CRASHED, FAILED, FINISHED, PAUSED, RUNNING, STOPPED
+from agent.controller.store import Trial, is_number
+from agent.views.trials import STATE_COLORS, ranked, short
 
 TOP_CURVES, MIN_FOR_IMPORTANCE = 5, 3
 # Below this many ranked trials a random forest's ranking (and a correlation) moves with every trial added.
 TRUSTED_IMPORTANCE = 10
 # Why a trial with a metric is not ranked: its value was not measured at the end of a full training.
-CUT_SHORT = {"stopped": "stopped early: its last value is an early one, not comparable with a finished trial's",
-             "running": "not done", "paused": "paused part-way", "failed": "ended part-way",
-             "crashed": "ended part-way"}
+LEFT_OUT = {STOPPED: "stopped early: its last value is an early one, not comparable with a finished trial's",
+            RUNNING: "not done", PAUSED: "paused part-way", FAILED: "ended part-way", CRASHED: "ended part-way"}
 
 
 # the plots: each a Figure, or None when there is nothing to draw yet
@@ -107,9 +108,9 @@ def importance(trials: list[Trial], metric: str, params: list[str]) -> Importanc
     metric, over the finished trials only. W&B's panel ranks every run with the metric; but a hyperband-stopped
     trial's last value was logged early in its training and reads as "worse" next to finished ones: ranked
     with them, it would reward what makes a trial start fast rather than end well."""
-    scored = [t for t in trials if t.state == "finished" and t.metric is not None]
-    left_out = Counter(t.state for t in trials if t.metric is not None and t.state != "finished")
-    left = "".join(f"; {n} {state} left out ({CUT_SHORT.get(state, 'not finished')})" for state, n in left_out.items())
+    scored = [t for t in trials if t.state == FINISHED and t.metric is not None]
+    left_out = Counter(t.state for t in trials if t.metric is not None and t.state != FINISHED)
+    left = "".join(f"; {n} {state} left out ({LEFT_OUT.get(state, 'not finished')})" for state, n in left_out.items())
     if not params:
         return Importance([], 0, "No parameter varies in this sweep.")
     if len(scored) < MIN_FOR_IMPORTANCE:
@@ -160,7 +161,7 @@ def importance_chart(result: Importance, metric: str) -> Figure:
 
 def learning_curves(trials: list[Trial], metric: str, goal: str) -> Figure | None:
     top = [t for t in ranked(trials, goal) if t.metric is not None][:TOP_CURVES]
-    chosen = top + [t for t in trials if t.state == "stopped" and t.id not in {s.id for s in top}]
+    chosen = top + [t for t in trials if t.state == STOPPED and t.id not in {s.id for s in top}]
     curves = [(t, [(i, v) for i, v in enumerate(t.history, 1) if is_number(v)]) for t in chosen]
     curves = [(t, points) for t, points in curves if points]
     if not curves:
@@ -171,9 +172,9 @@ def learning_curves(trials: list[Trial], metric: str, goal: str) -> Figure | Non
         xs, ys = zip(*points)
         label = f"{t.id} ({t.state}" + (f", {t.metric:.4g})" if t.metric is not None else ")")
         [line] = ax.plot(xs, ys, marker="o", ms=3, label=label)
-        if t.state == "stopped":
+        if t.state == STOPPED:
             ax.plot(xs[-1], ys[-1], marker="x", ms=11, mew=2.5, color=line.get_color())
-    if any(t.state == "stopped" for t, _ in curves):
+    if any(t.state == STOPPED for t, _ in curves):
         ax.plot([], [], "x", color="#333", ms=9, mew=2.5, label="stopped (hyperband)")
     ax.set(xlabel="logged step (epoch, for our program)", ylabel=metric, title=f"{metric} per trial")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))

@@ -24,18 +24,18 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from agent.contract import CRASHED, EXAMPLES, PENDING, RUNNING, STATES, STOPPED, parse_caption
+from agent.controller.engine import sweep_metric
 from agent.controller.outcome import diverged
-from agent.views.plots import importance, importance_chart, learning_curves, metric_over_trials, parallel_coordinates
 from agent.controller.runlog import RunLogReader, find_run_file
-from agent.views.status import TrialTable, console, summary_line
-from agent.controller.store import is_local_target, open_store
-from agent.views.trials import (STATE_COLORS, STATES, Trial, best_trial, is_number, ranked, short, state_counts,
-                          sweep_metric, swept)
+from agent.controller.store import Trial, is_local_target, is_number, open_store, state_counts
 from agent.online.api import find_sweep, wandb_api
-from cifar_core.predictions import parse_caption
+from agent.views.plots import importance, importance_chart, learning_curves, metric_over_trials, parallel_coordinates
+from agent.views.status import TrialTable, console, summary_line
+from agent.views.trials import STATE_COLORS, best_trial, ranked, short, swept
 
-IMAGE_NAME = re.compile(r"examples_(\d+)_[0-9a-f]+\.png")
-WANDB_STATES = {"killed": "stopped", "preempted": "crashed", "preempting": "running", "pending": "pending"}
+IMAGE_NAME = re.compile(EXAMPLES + r"_(\d+)_[0-9a-f]+\.png")
+WANDB_STATES = {"killed": STOPPED, "preempted": CRASHED, "preempting": RUNNING, "pending": PENDING}
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1200px;
  padding:0 16px;color:#222}
@@ -78,7 +78,7 @@ def prediction_images(root: Path, trial_id: str) -> tuple[int, list[tuple[Path, 
     if log is None:
         return None
     by_step: dict[int, list[Path]] = {}
-    for f in (log.parent / "files" / "media" / "images").glob("examples_*.png"):
+    for f in (log.parent / "files" / "media" / "images").glob(f"{EXAMPLES}_*.png"):
         if match := IMAGE_NAME.fullmatch(f.name):
             by_step.setdefault(int(match[1]), []).append(f)
     if not by_step:
@@ -86,7 +86,7 @@ def prediction_images(root: Path, trial_id: str) -> tuple[int, list[tuple[Path, 
     captions = {}  # file name -> (its place in the logged list, caption), from the run's log
     try:
         for row in RunLogReader(log).poll():
-            names, texts = row.get("examples.filenames") or [], row.get("examples.captions") or []
+            names, texts = row.get(f"{EXAMPLES}.filenames") or [], row.get(f"{EXAMPLES}.captions") or []
             captions.update({Path(n).name: (i, str(c)) for i, (n, c) in enumerate(zip(names, texts))})
     except (OSError, ValueError):
         pass
@@ -211,7 +211,7 @@ def wandb_report(path: str) -> int:
     for run in runs:
         value = run.summary.get(metric) if metric else None
         runtime = run.summary.get("_runtime")
-        state = run.state if run.state in STATES else WANDB_STATES.get(run.state, "crashed")
+        state = run.state if run.state in STATES else WANDB_STATES.get(run.state, CRASHED)
         trials.append(Trial(id=run.id, params={k: {"value": v} for k, v in dict(run.config).items()}, state=state,
                             metric=float(value) if is_number(value) else None, reason=diverged(dict(run.summary)),
                             started=0.0 if is_number(runtime) and runtime > 0 else None,

@@ -11,8 +11,9 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from agent.controller.store import open_store
-from agent.views.trials import STATE_COLORS, Trial, best_trial, short, state_counts, sweep_metric, swept
+from agent.controller.engine import sweep_metric
+from agent.controller.store import Trial, open_store, state_counts
+from agent.views.trials import STATE_COLORS, best_trial, short, swept
 
 
 def console() -> Console:
