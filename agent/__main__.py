@@ -168,7 +168,7 @@ def launch_command(args) -> int:
     from agent.online.launch import Launcher
 
     launcher = Launcher(args.sweep_path, args.gpus, args.agents_per_gpu, args.count, args.stagger, args.max_restarts,
-                        warm=not args.cold, gpus_per_trial=args.gpus_per_trial)
+                        warm=not args.cold, gpus_per_trial=args.gpus_per_trial, scheduler=args.scheduler)
     return launcher.dry_run() if args.dry_run else launcher.run()
 
 
@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--max-restarts", type=non_negative_int, default=3, metavar="N",
                         help="restarts of an agent that dies before giving up on it (default 3)")
     launch.add_argument("--dry-run", action="store_true", help="print each agent's command line; start nothing")
+    launch.add_argument("--scheduler", action="store_true",
+                        help="also run the sweep's `wandb sweep-scheduler` here (a sweep with a scheduler: block needs "
+                             "one, on one box only: W&B allows one a sweep; its source file must be here)")
     launch.add_argument("--cold", action="store_true",
                         help="every run a fresh process that imports everything itself (default: a warm worker per "
                              "agent forks each run of our program, ready to train)")

@@ -35,6 +35,15 @@ DIVERGED_AT_STEP = "diverged_at_step"  # with DIVERGED: the step whose training 
 FAILED_RANK = "failed_rank"  # a trial on several devices: which rank died, and how
 TEST_ACC = "test_acc"  # the seed's name (cifar_core logs it): the best model's, once tested
 
+# What a trial of ours measures of its best model, at its image size, in eval mode with its test-time augmentation
+# (as `best --export` serves it), after its test pass: ordinary metrics, in its history and its summary, that a sweep
+# may name as its metric or among its metrics.
+PARAMS = "params"  # the network's parameters
+FLOPS = "flops"  # floating-point operations per image (torch's flop counter: a multiply-add counts 2)
+LATENCY_MS = "latency_ms"  # milliseconds per image at batch 1 on the trial's device: the median of timed calls
+LATENCY_MS_BATCH = "latency_ms_batch"  # milliseconds per image at the config's latency_batch
+COSTS = (PARAMS, FLOPS, LATENCY_MS, LATENCY_MS_BATCH)
+
 # What the run logs besides its metrics.
 MODEL_ARTIFACT = "model-{run_id}"  # type "model", each improvement and the tested best: aliases best, latest
 MODEL_FILE = "model.ckpt"  # the network alone in that artifact (checkpoints.save_network)

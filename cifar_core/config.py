@@ -100,6 +100,7 @@ class TrainConfig(BaseModel):
 
     # evaluation
     tta: int = Field(0, ge=0, le=2)  # test-time augmentation of the test pass: 1 + mirror, 2 + two shifted copies
+    latency_batch: int = Field(64, ge=1)  # the batch a trial's latency_ms_batch is measured at (cost.py)
 
     # selection
     monitor: Literal["val_acc", "val_loss"] = "val_acc"  # early stopping + best checkpoint

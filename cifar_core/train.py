@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_core.config import TrainConfig
+from cifar_core.cost import measure
 from cifar_core.data import ImageDataModule
 from cifar_core.ddp import Ranks, world_size
 from cifar_core.ending import BY_REQUEST, Ending, Preempted, Request, Requests
@@ -82,6 +83,7 @@ def train(config: TrainConfig, record: Record | None = None, requests: Requests 
     test.pop("per_class_acc")
     if trainer.logger:
         trainer.logger.log_metrics(test, step=trainer.global_step)
+    cost = measure(system.net, config)  # the best model's: what serving it costs
     tested = time.perf_counter()
     unless_preempted("logging")
     record.at("logging")
@@ -89,8 +91,8 @@ def train(config: TrainConfig, record: Record | None = None, requests: Requests 
                     trainer.global_step)
     best.save_and_report(**test)
     record.note({"trial/setup_s": (fit.clock.started or fitted) - began,
-                 "trial/fit_s": fitted - (fit.clock.started or fitted), "trial/test_s": tested - fitted,
-                 "trial/logging_s": time.perf_counter() - tested})
+                 "trial/fit_s": fitted - (fit.clock.started or fitted), "trial/test_s": tested - fitted - cost.seconds,
+                 "trial/cost_s": cost.seconds, "trial/logging_s": time.perf_counter() - tested})
     return {
         "test_acc": test["test_acc"],
         "test_loss": test["test_loss"],
@@ -101,6 +103,7 @@ def train(config: TrainConfig, record: Record | None = None, requests: Requests 
         "resumed_from": str(resume_from) if resume_from else None,
         "ended_by": ended_by,
         "diverged_at_step": fit.divergence.step,
+        "cost": cost,
         "best_checkpoint": str(best.path),
     }
 

@@ -9,7 +9,7 @@ import json
 import warnings
 from pathlib import Path
 
-from agent.contract import PAUSED, STOPPED
+from agent.contract import LIVE, PAUSED, RUNNING, STOPPED
 
 with warnings.catch_warnings():  # sweeps 0.3 imports with a pydantic-v1 config warning
     warnings.simplefilter("ignore")
@@ -39,7 +39,12 @@ def engine_config(sweep: dict) -> dict:
 
 def engine_problems(sweep: dict) -> list[str]:
     """What the engine refuses only when asked for a run or a stop (a grid over a continuous parameter,
-    say): asked once, with no runs, so that it refuses before any trial or network call."""
+    say): asked once, with no runs, so that it refuses before any trial or network call. A scheduler sweep's
+    engine is W&B's optimizer: made once, the user's source run (scheduler.scheduler_problems)."""
+    if "scheduler" in sweep:
+        from agent.controller.scheduler import scheduler_problems
+
+        return scheduler_problems(sweep)
     try:
         config = engine_config(sweep)
         sweeps.next_run(config, [])
@@ -50,10 +55,16 @@ def engine_problems(sweep: dict) -> list[str]:
     return []
 
 
+def sweep_metrics(sweep: dict) -> list[tuple[str, str]]:
+    """The sweep's objectives, (name, goal) each, W&B's default goal included: `metrics:` (several, a scheduler
+    sweep's), else `metric:`; [] when it has none."""
+    metrics = sweep.get("metrics") or ([sweep["metric"]] if sweep.get("metric") else [])
+    return [(m.get("name"), m.get("goal", "minimize")) for m in metrics if isinstance(m, dict)]
+
+
 def sweep_metric(sweep: dict) -> tuple[str | None, str]:
-    """The sweep's metric name (None when it has none) and goal, W&B's default goal included."""
-    metric = sweep.get("metric") or {}
-    return metric.get("name"), metric.get("goal", "minimize")
+    """The sweep's (first) metric name, None when it has none, and its goal."""
+    return (sweep_metrics(sweep) or [(None, "minimize")])[0]
 
 
 def plain(value):
@@ -85,3 +96,36 @@ def as_sweep_run(trial, metric: str | None) -> "sweeps.SweepRun":
     return sweeps.SweepRun(name=trial.id, state=ENGINE_STATES.get(trial.state, trial.state),
                            config=trial.params, history=history, summary_metrics=summary,
                            stopped=trial.stop_requested is not None)
+
+
+class Classic:
+    """W&B's sweep engine for a sweep with no `scheduler:`: what W&B's server does for grid, random and bayes,
+    the `sweeps` package asked for a next run, and its hyperband (`early_terminate`) for the runs to stop."""
+
+    def __init__(self, sweep: dict):
+        self.config, self.metric = engine_config(sweep), sweep_metric(sweep)[0]
+        self.early_terminate = bool(sweep.get("early_terminate")) and self.metric is not None
+        self.exhausted = False
+
+    def suggest(self, trials: list) -> dict | None:
+        """A trial's params; None when a grid is done (`exhausted`) or random and bayes keep drawing configs of
+        running trials."""
+        runs = [as_sweep_run(t, self.metric) for t in trials]
+        running = [t.params for t in trials if t.state in LIVE]
+        for _ in range(20):  # random/bayes may repeat a running config: draw again
+            suggestion = sweeps.next_run(self.config, runs)
+            if suggestion is None:
+                self.exhausted = True
+                return None
+            params = plain(suggestion.config)
+            if params not in running:
+                return params
+        return None
+
+    def observe(self, trials: list) -> dict[str, str]:
+        """The running trials hyperband stops, with the reason."""
+        if not self.early_terminate:
+            return {}
+        to_stop = sweeps.stop_runs(self.config, [as_sweep_run(t, self.metric) for t in trials])
+        live = {t.id for t in trials if t.state == RUNNING and t.stop_requested is None}
+        return {run.name: "early-terminated by hyperband" for run in to_stop if run.name in live}

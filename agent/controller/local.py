@@ -9,6 +9,7 @@ transaction log while it is written. State is in DIR/sweep.db (agent/controller/
 """
 
 import json
+import logging
 import os
 import select
 import signal
@@ -23,14 +24,15 @@ from wandb.sdk.lib import config_util
 from wandb.sdk.lib.runid import generate_id
 
 from agent import contract
-from agent.contract import CRASHED, FAILED, FINISHED, LIVE, PAUSED, PENDING, RUNNING, STOPPED
-from agent.controller.engine import as_sweep_run, engine_config, plain, sweep_metric, sweeps, trial_command
+from agent.contract import CRASHED, FAILED, FINISHED, PAUSED, PENDING, RUNNING, STOPPED
+from agent.controller.engine import Classic, sweep_metric, sweep_metrics, trial_command
 from agent.controller.opened import Opened, trial_limit
 from agent.controller.outcome import environment_error, outcome, own_error
 from agent.controller.processes import READY_TIMEOUT, WarmWorker, die_with_parent
 from agent.controller.runlog import RunLogReader, find_run_file
+from agent.controller.scheduler import Scheduler, is_scheduled
 from agent.controller.store import Trial, is_number
-from agent.errors import UsageError
+from agent.errors import UsageError, first_line
 from agent.install import this_python_first
 
 POLL_SECONDS = 0.5
@@ -43,12 +45,24 @@ class Running:
     whether it was told to pause."""
     proc: subprocess.Popen
     reader: RunLogReader | None = None
+    summary_seen: dict | None = None  # the run's summary as last recorded
     signalled_at: float | None = None
     paused: bool = False
 
     def __post_init__(self):
         self.exited = os.pidfd_open(self.proc.pid)  # readable once the process has exited
 
+
+
+class ViewLog(logging.Handler):
+    """A search library's log records as the live view's event lines."""
+
+    def __init__(self, view, engine: str):
+        super().__init__(logging.INFO)
+        self.view, self.engine = view, engine
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.view.event(f"{self.engine}: {record.getMessage()}")
 
 
 @dataclass
@@ -77,7 +91,9 @@ class LocalSweep:
         self.store, self.sweep_id, self.sweep = opened.store, opened.sweep_id, opened.sweep
         self.root = opened.root.resolve()
         self.options, self.view, self.on_trial_end = options, view, on_trial_end
-        self.engine = engine_config(self.sweep)
+        self.classic = None if is_scheduled(self.sweep) else Classic(self.sweep)
+        self.scheduler: Scheduler | None = None  # a scheduler sweep's optimizer, on the controller that runs it
+        self.restore_library_logs: Callable[[], None] = lambda: None
         self.metric = sweep_metric(self.sweep)[0]
         self.limit = trial_limit(self.sweep, options.count)
         self.gpus, self.grace = options.gpus, options.grace
@@ -120,6 +136,7 @@ class LocalSweep:
                         self.early_terminate()
                     if not self.stopping and (self.to_retry or not self.exhausted):
                         self.fill_slots()
+                        self.queue_ahead()
                     if not self.procs and (self.stopping or (self.exhausted and not self.to_retry)):
                         break
                     self.view.update(self.store.trials())
@@ -134,6 +151,7 @@ class LocalSweep:
         finally:
             for worker in filter(None, self.workers):
                 worker.stop()
+            self.restore_library_logs()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.store.unregister_controller(self.controller)
@@ -194,35 +212,67 @@ class LocalSweep:
             self.start(trial, slot)
 
     def claim(self) -> Trial | None:
-        """The next trial to run, committed as pending before it starts; None when there is none."""
+        """The next trial to run, committed as pending before it starts; None when there is none (yet)."""
         with self.store.transaction():
             trials = self.store.trials()
             while self.to_retry:
                 retry = self.store.trial(self.to_retry.pop(0))
                 if retry.state in (PAUSED, CRASHED):
                     # A program that resumes goes on from its saved epoch: its metric history goes on too.
-                    kept = {} if self.options.resumes else {"history": [], "metric": None}
+                    kept = {} if self.options.resumes else {"history": [], "metric": None, "rows": [], "summary": {}}
                     self.store.update(retry.id, state=PENDING, controller=self.controller, reason=None,
                                       stop_requested=None, exit_code=None, host=socket.gethostname(), **kept)
                     return self.store.trial(retry.id)
-            if self.limit is not None and len(trials) >= self.limit:
-                self.exhausted = True
-                return None
-            runs = [as_sweep_run(t, self.metric) for t in trials]
-            running = [t.params for t in trials if t.state in LIVE]
-            for _ in range(20):  # random/bayes may repeat a running config: draw again
-                suggestion = sweeps.next_run(self.engine, runs)
-                if suggestion is None:  # a finished grid
-                    self.exhausted = True
-                    return None
-                params = plain(suggestion.config)
-                if params not in running:
-                    break
-            else:
-                return None
-            trial_id = generate_id(8)
-            self.store.add_trial(trial_id, params, self.controller)
+            queued = next((t for t in trials if t.state == PENDING and t.controller is None), None)
+            if queued is not None:  # the scheduler's, made ahead for whichever controller has a free slot
+                self.store.update(queued.id, controller=self.controller, host=socket.gethostname())
+                return self.store.trial(queued.id)
+            return self.suggest(trials, self.controller)
+
+    def suggest(self, trials: list[Trial], controller: str | None) -> Trial | None:
+        """A new trial of the engine's, for `controller` (None: queued for any), inside the store's transaction."""
+        engine = self.engine()
+        if self.limit is not None and len(trials) >= self.limit:
+            self.exhausted = True
+            return None
+        if engine is None:  # another controller runs the scheduler: its suggestions are queued
+            return None
+        suggestion = engine.suggest(trials)
+        self.exhausted = engine.exhausted
+        if suggestion is None:
+            return None
+        trial_id = generate_id(8)
+        self.store.add_trial(trial_id, suggestion if isinstance(engine, Classic) else suggestion.params, controller)
+        if isinstance(engine, Scheduler):
+            engine.track(trial_id, suggestion.key)
         return self.store.trial(trial_id)
+
+    def engine(self) -> Classic | Scheduler | None:
+        """W&B's sweep engine; or for a scheduler sweep its optimizer, if this controller runs it: the first to take
+        the store's lease does, warm-started from the store; it goes to another when this one dies."""
+        if self.classic is not None or self.scheduler is not None:
+            return self.classic or self.scheduler
+        if not self.store.lead():
+            return None
+        try:
+            self.scheduler = Scheduler(self.sweep_id, self.sweep, self.store.trials(), self.options.retry_crashed)
+        except Exception as e:  # the user's source file or the engine's package: this controller cannot go on
+            raise UsageError(f"scheduler: {first_line(e)}") from None
+        engine = self.scheduler.optimizer.engine
+        self.view.event(f"scheduling the sweep: W&B's {engine} optimizer, on this controller")
+        # What the search library says of its trials (Optuna: each finished or pruned), as W&B's scheduler shows it
+        self.restore_library_logs = self.scheduler.optimizer.route_library_logs(ViewLog(self.view, engine))
+        return self.scheduler
+
+    def queue_ahead(self):
+        """The scheduler's controller keeps a suggestion ready for each other controller of the sweep."""
+        if self.scheduler is None or self.stopping:
+            return
+        with self.store.transaction():
+            trials = self.store.trials()
+            queued = sum(t.state == PENDING and t.controller is None for t in trials)
+            if queued < self.store.alive_controllers() - 1:
+                self.suggest(trials, None)
 
     def start(self, trial: Trial, slot: int):
         sweep_dir = self.root / "wandb" / f"sweep-{self.sweep_id}"
@@ -303,7 +353,7 @@ class LocalSweep:
             running.reader = running.reader or self._reader(trial_id)
             code = running.proc.poll()
             if running.reader is not None:
-                self._record_metrics(trial_id, running.reader)
+                self._record_metrics(trial_id, running)
             trial = self.store.trial(trial_id)
             if code is not None:
                 self._finish(trial, code, running)
@@ -317,11 +367,24 @@ class LocalSweep:
         path = find_run_file(self.root, trial_id)
         return None if path in (None, self.earlier_logs.get(trial_id)) else RunLogReader(path)
 
-    def _record_metrics(self, trial_id: str, reader: RunLogReader):
-        values = [row[self.metric] for row in reader.poll() if self.metric in row]
-        if values:
-            history = self.store.trial(trial_id).history + values
-            self.store.update(trial_id, history=history, metric=float(history[-1]) if is_number(history[-1]) else None)
+    def _record_metrics(self, trial_id: str, running: Running):
+        """What the trial's run logged since the last look: the rows of the sweep's metrics with their _step (as
+        W&B's scheduler reads them), the values of its first (the history hyperband and the views read), and the
+        latest number of every key (the summary)."""
+        logged, summary = running.reader.poll(), dict(running.reader.summary)
+        if not logged and summary == running.summary_seen:
+            return
+        running.summary_seen = summary
+        trial, names = self.store.trial(trial_id), [name for name, _ in sweep_metrics(self.sweep)]
+        rows = [{"_step": row["_step"], **{n: row[n] for n in names if n in row}} for row in logged
+                if any(n in row for n in names)]
+        values = {"summary": {**trial.summary, **{k: v for row in [*logged, summary] for k, v in row.items()
+                                                  if is_number(v) and not k.startswith("_")}}}
+        if rows:
+            history = trial.history + [row[self.metric] for row in rows if self.metric in row]
+            values.update(rows=trial.rows + rows, history=history,
+                          metric=float(history[-1]) if history and is_number(history[-1]) else None)
+        self.store.update(trial_id, **values)
 
     def _finish(self, trial: Trial, code: int, running: Running):
         os.close(self.procs.pop(trial.id).exited)
@@ -332,6 +395,8 @@ class LocalSweep:
                                 trial.metric, trial.history, output)
         if state == PAUSED:
             reason = f"paused by {self.interrupted_by}; resume: {self.options.resume_command}"
+        elif state == STOPPED:
+            reason = trial.reason  # what stopped it: hyperband, a scheduler's pruner
         self.store.update(trial.id, state=state, reason=reason, exit_code=code, ended=time.time())
         self.view.event(f"{trial.id} {state}" + (f": {reason}" if reason else ""))
         if self.on_trial_end is not None:
@@ -363,12 +428,11 @@ class LocalSweep:
             pass
 
     def early_terminate(self):
-        if not self.sweep.get("early_terminate") or not self.metric:
+        """What the engine stops: hyperband, decided by any controller; a scheduler's pruner, by the one running it.
+        Either decides on every box's trials; a trial's own controller sends the stop."""
+        engine = self.classic or self.scheduler
+        if engine is None:
             return
-        trials = self.store.trials()
-        to_stop = sweeps.stop_runs(self.engine, [as_sweep_run(t, self.metric) for t in trials])
-        live = {t.id for t in trials if t.state == RUNNING and t.stop_requested is None}
-        for run in to_stop:
-            if run.name in live:
-                self.store.update(run.name, stop_requested=time.time())
-                self.view.event(f"{run.name} stopping: hyperband")
+        for trial_id, reason in engine.observe(self.store.trials()).items():
+            self.store.update(trial_id, stop_requested=time.time(), reason=reason)
+            self.view.event(f"{trial_id} stopping: {reason}")

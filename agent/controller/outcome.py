@@ -58,7 +58,7 @@ def outcome(code: int, stop_requested: bool, paused: bool, summary: dict, metric
     if paused and (code != 0 or ended_by is None or ended_by in CUT_SHORT):
         return PAUSED, None  # why, and how to resume it: the controller's to say
     if stop_requested and (ended_by is None or ended_by in CUT_SHORT):  # ended by the stop, however it exited
-        return STOPPED, "early-terminated by hyperband"
+        return STOPPED, None  # what stopped it (hyperband, a pruner): the controller's to say
     if code != 0:
         return FAILED, f"exit code {code}: {own_error(output)}"
     if metric and metric_value is None and not diverged(summary):

@@ -14,6 +14,7 @@ DIR/store.json points a sweep DIR at its PostgreSQL store (the URL without a pas
 PGPASSWORD or ~/.pgpass), so that `status`, `report` and `best` read a shared sweep from its DIR.
 """
 
+import fcntl
 import json
 import math
 import os
@@ -39,6 +40,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     text,
     update,
@@ -72,12 +74,17 @@ TRIALS = Table(
     Column("gpu", String),  # the GPUs it ran on (CUDA_VISIBLE_DEVICES), if any
     Column("created", Float, nullable=False), Column("started", Float), Column("ended", Float),
     Column("stop_requested", Float),
+    # the run's history rows of the sweep's metrics, each with its _step, as W&B's scheduler reads them
+    Column("rows", Text, nullable=False, server_default="[]"),
+    Column("summary", Text, nullable=False, server_default="{}"),  # the run's latest number for each key it logged
     UniqueConstraint("sweep_id", "id"))
 CONTROLLERS = Table("controllers", METADATA, Column("id", String, primary_key=True), Column("sweep_id", String),
                     Column("host", String), Column("pid", Integer), Column("heartbeat", Float))
 TABLES = {t.name: {c.name for c in t.columns} for t in (SWEEPS, TRIALS, CONTROLLERS)}
-TRIAL_COLUMNS = ("id", "params", "state", "metric", "history", "exit_code", "reason", "host", "pid", "gpu",
-                 "created", "started", "ended", "stop_requested")
+ADDED = {"trials": ("rows", "summary")}  # columns newer than the first store: added to an older one when opened
+TRIAL_COLUMNS = ("id", "params", "state", "metric", "history", "exit_code", "reason", "controller", "host", "pid",
+                 "gpu", "created", "started", "ended", "stop_requested", "rows", "summary")
+JSON_COLUMNS = {"params": "{}", "history": "[]", "rows": "[]", "summary": "{}"}
 
 
 @dataclass
@@ -89,6 +96,7 @@ class Trial:
     history: list = field(default_factory=list)
     exit_code: int | None = None
     reason: str | None = None
+    controller: str | None = None  # None: a suggestion that no controller has claimed yet
     pid: int | None = None
     gpu: str | None = None
     host: str | None = None  # the box it ran on
@@ -96,6 +104,8 @@ class Trial:
     started: float | None = None
     ended: float | None = None
     stop_requested: float | None = None
+    rows: list = field(default_factory=list)  # {"_step": S, metric: value, ...}: the sweep's metrics as logged
+    summary: dict = field(default_factory=dict)  # the run's latest number for each key it logged
 
     @property
     def config(self) -> dict:
@@ -117,8 +127,13 @@ def state_counts(trials: list[Trial]) -> str:
 
 
 def _trial(row) -> Trial:
-    values = {k: getattr(row, k) for k in TRIAL_COLUMNS}
-    return Trial(**{**values, "params": json.loads(row.params), "history": json.loads(row.history)})
+    values = {k: getattr(row, k, JSON_COLUMNS.get(k)) for k in TRIAL_COLUMNS}  # an older store lacks ADDED
+    return Trial(**{k: json.loads(v) if k in JSON_COLUMNS else v for k, v in values.items()})
+
+
+def _ours(name: str, columns: set[str]) -> bool:
+    """Whether a table of this name and columns is the store's, as this version or an older one made it."""
+    return name in TABLES and columns <= TABLES[name] and TABLES[name] - columns <= set(ADDED.get(name, ()))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -145,7 +160,7 @@ def _sqlite_tables(path: Path) -> set[str]:
     except sqlite3.DatabaseError as e:
         problem = str(e)
     problem = " ".join(problem.replace("*** in database main ***", "").split())  # one line
-    if problem == "ok" and any(TABLES.get(name) != columns for name, columns in tables.items()):
+    if problem == "ok" and not all(_ours(name, columns) for name, columns in tables.items()):
         problem = "its tables are not a sweep's: another program's, or an older version's"
     for side_file, was_there in zip(side_files, existed):
         if problem != "ok" and not was_there:  # a read-only look at a WAL database creates them
@@ -176,6 +191,7 @@ class Store:
         self.postgres = url.startswith("postgresql")
         self.sweep_id: str | None = None
         self.connection = None  # the open transaction's, if any
+        self.lease = None  # the scheduler's lease, when this process holds it (lead)
         if self.postgres:
             self.engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1), pool_pre_ping=True)
             self._check_server()
@@ -186,12 +202,20 @@ class Store:
                 if self.postgres:  # controllers that start together: one makes the tables, the others wait
                     connection.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
                 METADATA.create_all(connection)
+                present = {c["name"] for c in inspect(connection).get_columns("trials")}
+                for name in sorted(set(ADDED["trials"]) - present):  # an older version's store goes on in this one
+                    connection.execute(text(f"ALTER TABLE trials ADD COLUMN {name} TEXT NOT NULL "
+                                            f"DEFAULT '{JSON_COLUMNS[name]}'"))
+        with self.engine.connect() as connection:
+            found = inspect(connection)
+            present = {c["name"] for c in found.get_columns("trials")} if found.has_table("trials") else set()
+        self.trial_columns = [c for c in TRIALS.c if c.name in present]  # a read-only older store lacks ADDED
         if not self.postgres:  # a SQLite file holds one sweep: bound to it, if it has one yet
             self.sweep()
 
     def _open_sqlite(self, path: Path) -> None:
         tables = _sqlite_tables(path) if path.exists() else set()
-        if self.readonly and tables != set(TABLES):
+        if self.readonly and not {"sweeps", "trials"} <= tables:
             raise UsageError(f"{path}: holds no sweep yet")
         where = f"file:{path.resolve()}?mode=ro&uri=true" if self.readonly else str(path)
         self.engine = create_engine(f"sqlite:///{where}", connect_args={"timeout": 30})
@@ -282,23 +306,23 @@ class Store:
 
     def trials(self) -> list[Trial]:
         with self._connect() as c:
-            rows = c.execute(select(TRIALS).where(TRIALS.c.sweep_id == self.sweep_id).order_by(TRIALS.c.seq))
+            rows = c.execute(select(*self.trial_columns).where(TRIALS.c.sweep_id == self.sweep_id)
+                             .order_by(TRIALS.c.seq))
             return [_trial(r) for r in rows]
 
     def trial(self, trial_id: str) -> Trial:
         with self._connect() as c:
-            return _trial(c.execute(select(TRIALS).where(TRIALS.c.sweep_id == self.sweep_id,
+            return _trial(c.execute(select(*self.trial_columns).where(TRIALS.c.sweep_id == self.sweep_id,
                                                          TRIALS.c.id == trial_id)).one())
 
-    def add_trial(self, trial_id: str, params: dict, controller: str) -> None:
+    def add_trial(self, trial_id: str, params: dict, controller: str | None) -> None:
         with self._connect() as c:
             c.execute(insert(TRIALS).values(sweep_id=self.sweep_id, id=trial_id, params=json.dumps(params),
                                             state=PENDING, controller=controller, host=socket.gethostname(),
                                             created=time.time()))
 
     def update(self, trial_id: str, **values) -> None:
-        if "history" in values:
-            values["history"] = json.dumps(values["history"])
+        values = {k: json.dumps(v) if k in JSON_COLUMNS else v for k, v in values.items()}
         with self._connect() as c:
             c.execute(update(TRIALS).where(TRIALS.c.sweep_id == self.sweep_id, TRIALS.c.id == trial_id)
                       .values(**values))
@@ -312,6 +336,35 @@ class Store:
                 c.execute(insert(CONTROLLERS).values(id=controller, **values))
             except IntegrityError:  # registered before: its row goes on
                 c.execute(update(CONTROLLERS).where(CONTROLLERS.c.id == controller).values(**values))
+
+    def alive_controllers(self) -> int:
+        with self._connect() as c:
+            return c.execute(select(func.count()).select_from(CONTROLLERS)
+                             .where(CONTROLLERS.c.sweep_id == self.sweep_id)).scalar()
+
+    def lead(self) -> bool:
+        """Whether this process holds the sweep's scheduler lease (taking it if it is free): one controller of a
+        sweep runs its scheduler, as W&B allows one `wandb sweep-scheduler` a sweep. The lease goes with the
+        process: a PostgreSQL session lock on a connection of its own, a lock on DIR/scheduler.lock in SQLite;
+        a controller that dies frees it, and another takes it."""
+        if self.lease is not None:
+            return True
+        if self.postgres:
+            connection = self.engine.connect()
+            key = zlib.crc32(f"scheduler {self.sweep_id}".encode())
+            if connection.execute(select(func.pg_try_advisory_lock(key))).scalar():
+                connection.commit()
+                self.lease = connection
+            else:
+                connection.close()
+        else:
+            lock = open(Path(make_url(self.url).database).with_name("scheduler.lock"), "a")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.lease = lock
+            except BlockingIOError:
+                lock.close()
+        return self.lease is not None
 
     def heartbeat(self, controller: str) -> None:
         with self._connect() as c:
@@ -333,7 +386,8 @@ class Store:
                 c.execute(delete(CONTROLLERS).where(CONTROLLERS.c.id.in_(dead)))
             alive = {r.id for r in c.execute(select(CONTROLLERS.c.id).where(mine))}
             orphans = [r.id for r in c.execute(select(TRIALS.c.id, TRIALS.c.controller).where(
-                TRIALS.c.sweep_id == self.sweep_id, TRIALS.c.state.in_(LIVE))) if r.controller not in alive]
+                TRIALS.c.sweep_id == self.sweep_id, TRIALS.c.state.in_(LIVE), TRIALS.c.controller.is_not(None)))
+                if r.controller not in alive]
             for trial_id in orphans:
                 self.update(trial_id, state=CRASHED, reason="its controller died", ended=now)
         return orphans

@@ -52,7 +52,13 @@ def create(path: str, project: str | None, entity: str | None) -> int:
         entity = entity or api.settings["entity"] or api.default_entity  # where wandb.sweep put it
     sweep_path = f"{entity}/{project}/{sweep_id}"
     print(f"created sweep {sweep_path}")
-    print(f"on each GPU box: python -m agent launch {sweep_path} --gpus all")
+    if "scheduler" not in sweep:
+        print(f"on each GPU box: python -m agent launch {sweep_path} --gpus all")
+        return 0
+    # W&B's optimizer runs beside the agents, one a sweep (`wandb sweep-scheduler`), where its source file is.
+    where = f" (with {sweep['scheduler']['source']}, in this folder)" if sweep["scheduler"].get("source") else ""
+    print(f"on one GPU box{where}: python -m agent launch {sweep_path} --gpus all --scheduler")
+    print(f"on each other GPU box: python -m agent launch {sweep_path} --gpus all")
     return 0
 
 
@@ -101,6 +107,10 @@ class AgentSlot:
         return f"gpu{self.gpu.replace(',', '+')}.{self.index}" if self.gpu is not None else f"cpu.{self.index}"
 
 
+def scheduler_command(sweep_path: str) -> list[str]:
+    return [sys.executable, "-m", "wandb", "sweep-scheduler", sweep_path]
+
+
 def agent_command(sweep_path: str, count: int | None) -> list[str]:
     command = [sys.executable, "-m", "wandb", "agent", "--forward-signals"]
     return command + (["--count", str(count)] if count else []) + [sweep_path]
@@ -108,7 +118,8 @@ def agent_command(sweep_path: str, count: int | None) -> list[str]:
 
 class Launcher:
     def __init__(self, sweep_path: str, gpus: str, agents_per_gpu: int, count: int | None,
-                 stagger: float, max_restarts: int, warm: bool = True, gpus_per_trial: int = 1):
+                 stagger: float, max_restarts: int, warm: bool = True, gpus_per_trial: int = 1,
+                 scheduler: bool = False):
         if not SWEEP_PATH.fullmatch(sweep_path):
             raise UsageError(f"{sweep_path!r}: expected ENTITY/PROJECT/SWEEP_ID")
         if agents_per_gpu < 1:
@@ -123,6 +134,8 @@ class Launcher:
         self.relays: list[threading.Thread] = []
         self.lock = threading.Lock()
         self.warm = warm  # a warm worker per agent, if the sweep runs our program (agent/program/warm.py)
+        self.scheduler = scheduler  # whether this box runs the sweep's `wandb sweep-scheduler` (W&B allows one)
+        self.scheduler_proc: subprocess.Popen | None = None
 
     def env(self, slot: AgentSlot) -> dict:
         env = this_python_first(dict({"WANDB_AGENT_KILL_DELAY": KILL_DELAY}, **os.environ))
@@ -133,6 +146,8 @@ class Launcher:
         return env
 
     def dry_run(self) -> int:
+        if self.scheduler:
+            print(shlex.join(scheduler_command(self.sweep_path)))
         for slot in self.slots:
             prefix = f"CUDA_VISIBLE_DEVICES={slot.gpu} " if slot.gpu is not None else ""
             print(prefix + shlex.join(self.command))
@@ -185,6 +200,7 @@ class Launcher:
         if state in OVER:  # not an error: a box that joins late finds the work done
             print(f"launch: sweep {self.sweep_path} is {state.lower()} on W&B; no agent started", file=sys.stderr)
             return 0
+        self.start_scheduler(config)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             if self.warm and runs_our_program(config):
@@ -201,9 +217,40 @@ class Launcher:
         finally:
             for worker in (s.worker for s in self.slots if s.worker is not None):
                 worker.stop()
+            self.stop_scheduler()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return self.summary()
+
+    def start_scheduler(self, config: dict) -> None:
+        """`wandb sweep-scheduler` beside the agents, when this box is the one that runs it (--scheduler): W&B's own
+        optimizer of a scheduler sweep, its `source` file run in this folder. Checked first, as `validate` does: a
+        source that is not here, or does not load, is one line before anything starts."""
+        if "scheduler" not in config:
+            if self.scheduler:
+                raise UsageError(f"--scheduler: sweep {self.sweep_path} has no scheduler: block; W&B's server runs "
+                                 "its search")
+            return
+        if not self.scheduler:
+            print(f"launch: sweep {self.sweep_path} needs W&B's scheduler on one box: there, python -m agent launch "
+                  f"{self.sweep_path} --scheduler ...", file=sys.stderr)
+            return
+        from agent.controller.scheduler import scheduler_problems
+
+        if problems := scheduler_problems(config):
+            raise UsageError(f"{self.sweep_path}: " + "; ".join(problems))
+        self.scheduler_proc = subprocess.Popen(scheduler_command(self.sweep_path), env=this_python_first(dict(
+            os.environ)), start_new_session=True)
+
+    def stop_scheduler(self) -> None:
+        """With the agents: SIGINT is its own graceful stop (it finishes its step; the sweep stays resumable)."""
+        if self.scheduler_proc is not None and self.scheduler_proc.poll() is None:
+            self.scheduler_proc.send_signal(signal.SIGINT)
+            try:
+                self.scheduler_proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.scheduler_proc.kill()
+                self.scheduler_proc.wait()
 
     def _on_signal(self, signum, frame):
         self.stopped_by = self.stopped_by or signum  # the loop acts on it (pause returns at once)

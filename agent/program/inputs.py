@@ -50,6 +50,8 @@ def prepare_sweep(sweep: dict) -> None:
     one line saying what is wrong. Ranges are left to the trials (they share the same lock)."""
     from agent.program.validate import candidate_values
 
+    if (sweep.get("scheduler") or {}).get("search_space"):
+        return  # define-by-run: the user's function makes each config; its trials prepare their own data
     parameters = sweep.get("parameters") or {}
     choices = [candidate_values(parameters[name]) if name in parameters else [None] for name in DATA_FIELDS]
     for values in itertools.product(*choices):

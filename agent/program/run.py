@@ -74,10 +74,8 @@ class WandbRecord(Record):
     """What a run of ours logs to its W&B run, under the contract's names."""
 
     def __init__(self, run, hold: Hold):
-        from lightning.pytorch.loggers import WandbLogger
-
         self.run, self.hold = run, hold
-        self.logger = WandbLogger(experiment=run)
+        self.logger, self.epoch_rows = epoch_rows(run)
 
     def note(self, values: dict) -> None:
         self.run.summary.update(values)
@@ -115,6 +113,47 @@ class WandbRecord(Record):
         self.run.summary[contract.FAILED_RANK] = message
         self.run.finish(exit_code=contract.EXIT_FAILED)
         os._exit(contract.EXIT_FAILED)
+
+
+def epoch_rows(run):
+    """Lightning's WandbLogger writing one history row per epoch, and the callback that commits each row once
+    its epoch is over (a row committed is final in W&B: a later value at its step would be dropped).
+
+    W&B's `_step` of a row is then the number of epochs trained when its values were logged (1 for the first
+    epoch's): a pruner's resource (min_resource, a rung) counts epochs, online and offline. Values logged
+    within an epoch (training's, every 10 steps) share its row, the last one kept; what comes after fit (the
+    test metrics, the examples) is the row after the last epoch's."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import WandbLogger
+
+    class EpochRows(WandbLogger):
+        # A run W&B resumed online goes on after its last step (run.step): a step it has is not written again.
+        row = committed = max(0, run.step - 1)
+
+        def log_metrics(self, metrics, step=None):
+            if "epoch" in metrics:  # Lightning adds the epoch to what it logs during fit
+                self.row = max(int(metrics["epoch"]) + 1, self.committed + 1)
+            elif self.row <= self.committed:
+                self.row = self.committed + 1
+            values = dict(metrics) if step is None else {**metrics, "trainer/global_step": step}
+            self.experiment.log(values, step=self.row, commit=False)
+
+        def commit(self):
+            if self.row > self.committed:
+                self.experiment.log({}, commit=True)
+                self.committed = self.row
+
+    class CommitRows(pl.Callback):
+        # Lightning logs an epoch's training metrics after its epoch-end hooks: the next epoch's start, or the
+        # end of training, is where the epoch's row is complete.
+        def on_train_epoch_start(self, trainer, pl_module):
+            logger.commit()
+
+        def on_train_end(self, trainer, pl_module):
+            logger.commit()
+
+    logger = EpochRows(experiment=run)
+    return logger, CommitRows()
 
 
 def resume_from(run) -> Path | None:
@@ -174,9 +213,10 @@ def logged_run(config: TrainConfig, requests: SignalRequests, callbacks: Sequenc
     run.summary.update({"trial/startup_s": seconds_since_process_start(),
                         "trial/wandb_init_s": initialized - started_init})
     hold = Hold.from_env()
+    record = WandbRecord(run, hold)
     try:
-        result = train(config, WandbRecord(run, hold), requests, checkpoint_dir(Path(run.dir).parent),
-                       resume_from(run), [*callbacks, hold.callback()])
+        result = train(config, record, requests, checkpoint_dir(Path(run.dir).parent),
+                       resume_from(run), [*callbacks, hold.callback(), record.epoch_rows])
     except DatasetError as e:  # corrupt data files: the user's to fix, not a crash
         run.finish(exit_code=contract.EXIT_USAGE)
         raise UsageError(str(e)) from None
@@ -190,6 +230,10 @@ def logged_run(config: TrainConfig, requests: SignalRequests, callbacks: Sequenc
     except BaseException:
         run.finish(exit_code=contract.EXIT_FAILED)
         raise
+    cost = result.pop("cost")
+    costs = {contract.PARAMS: cost.params, contract.FLOPS: cost.flops, contract.LATENCY_MS: cost.latency_ms,
+             contract.LATENCY_MS_BATCH: cost.latency_ms_batch}
+    run.log(costs)  # ordinary metrics: the history row after the last epoch's, and the summary
     ended_by = ENDED_BY[result["ended_by"]]
     run.summary[contract.ENDED_BY] = ended_by
     if result["ended_by"] == Ending.DIVERGED:
@@ -199,7 +243,7 @@ def logged_run(config: TrainConfig, requests: SignalRequests, callbacks: Sequenc
     run.finish(exit_code=contract.EXIT_INTERRUPTED if interrupted else 0)
     if interrupted:
         raise RunEndedEarly("interrupted; the best model so far is logged", contract.EXIT_INTERRUPTED)
-    return {"run_id": run.id, **result, "ended_by": ended_by}
+    return {"run_id": run.id, **result, **costs, "ended_by": ended_by}
 
 
 def run(argv: list[str]) -> dict:

@@ -26,10 +26,14 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from agent.contract import COSTS
 from agent.controller.engine import DEFAULT_COMMAND, engine_problems, schema_problems
 from agent.errors import UsageError, describe_validation_error, did_you_mean
 from cifar_core.config import LOGGED_METRICS, MONITORS, TrainConfig
 
+# What our program logs, and the goal that makes sense for it (None: either).
+GOALS = {**dict.fromkeys(LOGGED_METRICS), "val_acc": "maximize", "test_acc": "maximize", "val_loss": "minimize",
+         "test_loss": "minimize", **dict.fromkeys(COSTS, "minimize")}
 # Ranges checkable at their ends, and those given in log space (natural log) among them.
 BOUNDED = {"uniform", "q_uniform", "int_uniform", "log_uniform_values", "q_log_uniform_values",
            "log_uniform", "q_log_uniform"}
@@ -172,21 +176,26 @@ def parameter_problems(name: str, spec: dict, around: dict) -> list[str]:
 
 
 def metric_problems(sweep: dict, parameters: dict) -> list[str]:
-    metric = sweep.get("metric") if isinstance(sweep.get("metric"), dict) else {}
-    name, goal = metric.get("name"), metric.get("goal", "minimize")
+    """Each objective (`metric:`, or each of `metrics:`) a key our program logs, with its goal; a validation metric
+    the runs' monitor too, else early stopping and the best checkpoint would follow another metric."""
+    key = "metrics" if isinstance(sweep.get("metrics"), list) else "metric"
+    written = sweep.get("metrics") if key == "metrics" else [sweep.get("metric")] if sweep.get("metric") else []
     monitor_spec = parameters.get("monitor", {})
     if isinstance(monitor_spec.get("values"), list) and len(monitor_spec["values"]) > 1:
         return ["parameters.monitor: must be one fixed value in a sweep (the sweep's metric follows it)"]
     monitor = monitor_spec.get("value", TrainConfig.model_fields["monitor"].default)
-    if name is None:
-        return []  # no metric is allowed for grid/random; metric_required covers bayes and early_terminate
-    if name not in LOGGED_METRICS:
-        return [f"metric.name={name!r}: not a key the program logs; logged: {', '.join(LOGGED_METRICS)}"]
-    if name != monitor:
-        return [f"metric.name={name!r}: must equal the runs' monitor ({monitor!r}), "
-                f"else early stopping and the best checkpoint follow another metric"]
-    expected_goal = {"max": "maximize", "min": "minimize"}[MONITORS.get(name, "max")]
-    return [f"metric.goal={goal!r}: {name} must be {expected_goal}d"] if goal != expected_goal else []
+    problems = []
+    for i, metric in enumerate(m for m in written if isinstance(m, dict)):
+        where = f"metrics[{i}]" if key == "metrics" else "metric"
+        name, goal = metric.get("name"), metric.get("goal", "minimize")
+        if name not in GOALS:
+            problems.append(f"{where}.name={name!r}: not a key the program logs; logged: {', '.join(GOALS)}")
+        elif name in MONITORS and name != monitor:
+            problems.append(f"{where}.name={name!r}: must equal the runs' monitor ({monitor!r}), else early stopping "
+                            "and the best checkpoint follow another metric")
+        elif GOALS[name] and goal != GOALS[name]:
+            problems.append(f"{where}.goal={goal!r}: {name} must be {GOALS[name]}d")
+    return problems
 
 
 def folder_problems(parameters: dict) -> list[str]:
