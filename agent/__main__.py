@@ -13,7 +13,7 @@
 import os
 import sys
 
-from agent.contract import STORE_ENV, WARM_SOCKET_ENV
+from agent.contract import COSTS, STORE_ENV, WARM_SOCKET_ENV
 
 if __name__ == "__main__" and sys.argv[1:2] == ["run"] and os.environ.get(WARM_SOCKET_ENV):
     # A warm worker for this slot (agent local, agent launch): the trial starts in a process that has
@@ -184,7 +184,7 @@ def best_command(args) -> int:
     is_local_target(args.target)  # a wrong TARGET is told before torch loads
     from agent.program.use import best
 
-    return best(args.target, args.evaluate, args.export)
+    return best(args.target, args.evaluate, args.export, args.trial, args.where or [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,9 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     best = commands.add_parser(
         "best", help="the best trial: run command, checkpoint, evaluation, export",
         description="Print the best trial, its config as a `python -m agent run` line, and its best checkpoint "
-                    "(downloaded for a W&B sweep).")
+                    "(downloaded for a W&B sweep). A sweep with several objectives: its Pareto front first, best "
+                    "by the first objective first, and the front's best by it (or the one --trial or --where "
+                    "picks).")
     best.add_argument("target", metavar="DIR|ENTITY/PROJECT/SWEEP_ID")
     best.set_defaults(func=best_command)
+    chosen = best.add_mutually_exclusive_group()
+    chosen.add_argument("--trial", metavar="ID", help="take this trial (any with a logged model), not the best")
+    chosen.add_argument("--where", action="append", metavar="'NAME OP NUMBER'",
+                        help="take the best trial that meets this, e.g. 'latency_ms < 2' (OP: < <= > >=; NAME: one "
+                             f"of the sweep's objectives or {', '.join(COSTS)}); repeat to "
+                             "AND several; with several objectives, the best by the first on the Pareto front")
     best.add_argument("--evaluate", action="store_true",
                       help="rerun the test set on the checkpoint: test accuracy and per-class accuracy")
     best.add_argument("--export", metavar="PATH", help="write the network with torch.export, a .pt2 that needs "

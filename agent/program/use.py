@@ -1,5 +1,6 @@
-"""What `python -m agent best` does with the best model of our program (views/best.py finds it): its config as a
-`python -m agent run` line that trains it again, and
+"""What `python -m agent best` does with the best model of our program, or the one picked (views/best.py finds it;
+with several objectives, from the Pareto front, which it prints first): its config as a `python -m agent run` line
+that trains it again, and
 
   --evaluate     load the checkpoint (weights only: no pickled code runs) and score it on the test split the
                  trial used, as its own test pass did (same function, same test-time augmentation): test
@@ -101,7 +102,7 @@ def export_model(net: nn.Module, config: TrainConfig, class_names, path: str, be
     extra = {"class_names.json": json.dumps(list(class_names)),
              "input.json": json.dumps({"shape": ["N", 3, size, size], "dtype": "float32",
                                        "values": "in [0, 1], or 0-255", "tta": config.tta}),
-             "trial.json": json.dumps({"id": best.id, best.metric_name or "metric": best.metric,
+             "trial.json": json.dumps({"id": best.id, best.metric_name or "metric": best.metric, **best.objectives,
                                        "config": config.model_dump()})}
     try:
         torch.export.save(program, path, extra_files=extra)
@@ -109,12 +110,16 @@ def export_model(net: nn.Module, config: TrainConfig, class_names, path: str, be
         raise UsageError(f"{path}: cannot write ({first_line(e)})") from None
 
 
-def best(target: str, evaluate: bool = False, export: str | None = None) -> int:
-    """`agent best TARGET`: the best trial (views/best.py), its config as a command and its model's file;
+def best(target: str, evaluate: bool = False, export: str | None = None, trial_id: str | None = None,
+         where: list[str] = ()) -> int:
+    """`agent best TARGET`: the best trial (views/best.py), or the one --trial names, or the best that meets every
+    --where; with several objectives, the Pareto front first. Its config as a command and its model's file;
     evaluated and exported if asked."""
     if export and not Path(export).parent.is_dir():
         raise UsageError(f"{export}: cannot write (no directory {Path(export).parent})")
-    found = find_best(target)
+    found = find_best(target, trial_id, where)
+    for line in found.listing:
+        print(line)
     print(found)
     return use(found, evaluate, export)
 

@@ -13,6 +13,7 @@ from matplotlib.ticker import MaxNLocator
 
 from agent.contract import CRASHED, FAILED, FINISHED, PAUSED, RUNNING, STOPPED
 from agent.controller.store import Trial, is_number
+from agent.views.pareto import Front, objective_values
 from agent.views.trials import STATE_COLORS, ranked, short
 
 TOP_CURVES, MIN_FOR_IMPORTANCE = 5, 3
@@ -66,7 +67,10 @@ def _axis(values: list) -> tuple[list[float], list[tuple[float, str]], bool]:
     return [where[short(v)] for v in values], [(p, c) for c, p in where.items()], False
 
 
-def parallel_coordinates(trials: list[Trial], metric: str, goal: str, params: list[str]) -> Figure | None:
+def parallel_coordinates(trials: list[Trial], metric: str, goal: str, params: list[str],
+                         highlight: set[str] | None = None) -> Figure | None:
+    """A line per trial with a metric through its parameters' axes to the metric's, coloured by the metric; with
+    `highlight`, those trials' lines drawn bold on top and the others faint."""
     scored = [t for t in trials if t.metric is not None]
     if not scored or not params:
         return None
@@ -76,10 +80,13 @@ def parallel_coordinates(trials: list[Trial], metric: str, goal: str, params: li
     ax = fig.add_subplot()
     cmap = "viridis" if goal == "maximize" else "viridis_r"
     colors = ScalarMappable(Normalize(min(t.metric for t in scored), max(t.metric for t in scored)), cmap)
-    order = sorted(range(len(scored)), key=lambda i: scored[i].metric, reverse=goal != "maximize")
-    for i in order:  # the best drawn last, on top
-        ax.plot(range(len(names)), [positions[i] for positions, _, _ in axes],
-                color=colors.to_rgba(scored[i].metric), lw=1.8, alpha=0.85)
+    sign = 1 if goal == "maximize" else -1
+    bold = highlight or set()
+    order = sorted(range(len(scored)), key=lambda i: (scored[i].id in bold, sign * scored[i].metric))
+    for i in order:  # the best (the highlighted first) drawn last, on top
+        faint = highlight is not None and scored[i].id not in bold
+        ax.plot(range(len(names)), [positions[i] for positions, _, _ in axes], color=colors.to_rgba(scored[i].metric),
+                lw=1.2 if faint else 3.0 if highlight else 1.8, alpha=0.3 if faint else 0.85)
     for x, (_, ticks, _) in enumerate(axes):
         ax.axvline(x, color="#444", lw=1)
         for y, label in ticks:
@@ -94,6 +101,48 @@ def parallel_coordinates(trials: list[Trial], metric: str, goal: str, params: li
         spine.set_visible(False)
     fig.colorbar(colors, ax=ax, label=metric, pad=0.01)
     return fig
+
+
+def pareto_plot(trials: list[Trial], front: Front) -> Figure | None:
+    """Two objectives: each trial with both values a point, coloured by state and named by its id; the front a step
+    line through its points, its corners where the region its trials dominate ends."""
+    (x_name, x_goal), (y_name, y_goal) = front.objectives
+    points = [(t, v[x_name], v[y_name]) for t in trials
+              if None not in (v := objective_values(t, front.objectives)).values()]
+    if not points:
+        return None
+    fig = Figure(figsize=(9, 5.4), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for state, color in STATE_COLORS.items():
+        mine = [(x, y) for t, x, y in points if t.state == state]
+        if mine:
+            ax.scatter(*zip(*mine), color=color, label=state, zorder=3)
+    on = sorted((x, y) for t, x, y in points if t.id in front.ids)
+    if on:
+        worse_x, worse_y = (min if x_goal == "maximize" else max), (min if y_goal == "maximize" else max)
+        path = on[:1]
+        for a, b in zip(on, on[1:]):  # the corner between two neighbours is worse than both: dominated by both
+            path += [(worse_x(a[0], b[0]), worse_y(a[1], b[1])), b]
+        ax.plot(*zip(*path), color="#333", lw=1.5, marker="o", ms=11, mfc="none", markevery=slice(0, None, 2),
+                zorder=2, label=f"Pareto front ({len(on)} trial{'s' * (len(on) > 1)})")
+    named: dict[tuple[float, float], list[str]] = {}
+    for t, x, y in points:  # trials at the same point share one label, not labels drawn over each other
+        named.setdefault((x, y), []).append(t.id)
+    for (x, y), ids in named.items():
+        ax.annotate(", ".join(ids), (x, y), xytext=(5, 4), textcoords="offset points", fontsize=7, color="#333")
+    ax.set(xlabel=f"{x_name} ({x_goal})", ylabel=f"{y_name} ({y_goal})", title=f"{y_name} against {x_name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def objectives_coordinates(trials: list[Trial], front: Front) -> Figure | None:
+    """Three objectives or more: parallel coordinates of the objectives, the front's trials in bold."""
+    labels = {name: f"{name} ({goal[:3]})" for name, goal in front.objectives}
+    (first, goal), others = front.objectives[0], [name for name, _ in front.objectives[1:]]
+    as_params = [Trial(t.id, {labels[n]: {"value": v[n]} for n in others}, t.state, metric=v[first]) for t in trials
+                 if None not in (v := objective_values(t, front.objectives)).values()]
+    return parallel_coordinates(as_params, labels[first], goal, [labels[n] for n in others], highlight=front.ids)
 
 
 @dataclass

@@ -8,6 +8,8 @@ the metric over trials with the running best, parallel coordinates of the swept 
 importance (a random forest's, as W&B's importance panel, but over the finished trials only: a stopped
 trial's last value is an early one) and correlation with the metric, with how far to trust them, the
 learning curves of the top trials and of every stopped one, and the best trial's last prediction images.
+A sweep with several objectives (`metrics:`) also gets its Pareto front (views/pareto.py): marked in the trial
+table, listed, and drawn: two objectives as one against the other, more as parallel coordinates of them.
 Any program's sweep works: a foreign metric, any parameters, no images, no finished trial yet.
 
 For a W&B sweep it prints the runs as `status` prints trials, best first, and the dashboard URL.
@@ -24,18 +26,25 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from agent.contract import CRASHED, EXAMPLES, PENDING, RUNNING, STATES, STOPPED, parse_caption
-from agent.controller.engine import sweep_metric
-from agent.controller.outcome import diverged
+from agent.contract import EXAMPLES, parse_caption
+from agent.controller.engine import sweep_metric, sweep_metrics
 from agent.controller.runlog import RunLogReader, find_run_file
-from agent.controller.store import Trial, is_local_target, is_number, open_store, state_counts
+from agent.controller.store import Trial, is_local_target, open_store, state_counts
 from agent.online.api import find_sweep, wandb_api
-from agent.views.plots import importance, importance_chart, learning_curves, metric_over_trials, parallel_coordinates
-from agent.views.status import TrialTable, console, summary_line
-from agent.views.trials import STATE_COLORS, best_trial, ranked, short, swept
+from agent.views.pareto import Front, heading, left_out, objective_values, pareto_front, several
+from agent.views.plots import (
+    importance,
+    importance_chart,
+    learning_curves,
+    metric_over_trials,
+    objectives_coordinates,
+    parallel_coordinates,
+    pareto_plot,
+)
+from agent.views.status import console, sweep_table
+from agent.views.trials import STATE_COLORS, best_trial, number, ranked, run_trial, short, swept
 
 IMAGE_NAME = re.compile(EXAMPLES + r"_(\d+)_[0-9a-f]+\.png")
-WANDB_STATES = {"killed": STOPPED, "preempted": CRASHED, "preempting": RUNNING, "pending": PENDING}
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1200px;
  padding:0 16px;color:#222}
@@ -53,6 +62,7 @@ img.plot{max-width:100%;display:block;margin:8px 0}
 .grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:96px;text-align:center;font-size:11px}
 figure img{width:96px;height:96px;image-rendering:pixelated;border:3px solid #2a9d4b}
 figure.wrong img{border-color:#d62728}
+tr.front .mark{color:#b8860b;font-size:16px}table.pareto{margin-top:8px}
 """ + "".join(f".s-{state}{{color:{color}}}" for state, color in STATE_COLORS.items())
 
 
@@ -97,26 +107,49 @@ def prediction_images(root: Path, trial_id: str) -> tuple[int, list[tuple[Path, 
 
 # the page
 
-def _trials_html(trials: list[Trial], metric: str, params: list[str], best: Trial | None, hosts: bool) -> str:
-    """The trial table; with `hosts` (a sweep that can span boxes: a PostgreSQL store), which box ran each.
+def _trials_html(trials: list[Trial], metric: str, params: list[str], best: Trial | None, hosts: bool,
+                 front: Front | None = None) -> str:
+    """The trial table; with `hosts` (a sweep that can span boxes: a PostgreSQL store), which box ran each; with a
+    `front` (several objectives), a column per objective and the front's trials marked.
 
     Wider than the page, it scrolls in its own box with id and metric pinned at its left: they come first,
     so the metric's offset is the id column's width, fixed in CSS (ids are 8 characters)."""
-    columns = ["state", "duration", *(["host"] if hosts else []), *params, "reason"]
+    others = [name for name, _ in front.objectives[1:]] if front else []
+    columns = [*(["front", *others] if front else []), "state", "duration", *(["host"] if hosts else []), *params,
+               "reason"]
     head = f'<th class="id">id</th><th class="metric">{html.escape(metric)}</th>' + \
         "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = []
     for t in trials:
-        cells = [f'<span class="state s-{t.state}">{t.state}</span>', _duration(t.duration),
+        on_front = front is not None and t.id in front.ids
+        values = objective_values(t, front.objectives) if front else {}
+        cells = [*([f'<span class="mark">{"★" if on_front else ""}</span>', *(number(values[n]) for n in others)]
+                   if front else []),
+                 f'<span class="state s-{t.state}">{t.state}</span>', _duration(t.duration),
                  *([html.escape(t.host or "")] if hosts else []),
                  *[html.escape(short(t.config.get(p, ""))) for p in params]]
-        classes = t.state + (" best" if best is not None and t.id == best.id else "")
+        classes = t.state + (" best" if best is not None and t.id == best.id else "") + (" front" if on_front else "")
         rows.append(f'<tr class="{classes}"><td class="id">{html.escape(t.id)}</td>'
                     f'<td class="metric">{"" if t.metric is None else f"{t.metric:.4g}"}</td>' +
                     "".join(f"<td>{c}</td>" for c in cells) +
                     f'<td class="reason">{html.escape(t.reason or "")}</td></tr>')
     return f'<div class="trials-box"><table class="trials"><thead><tr>{head}</tr></thead>' \
            f'<tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def _pareto_html(folder: Path, trials: list[Trial], front: Front, params: list[str]) -> str:
+    """The front: two objectives as a plot of one against the other, more as parallel coordinates of them; its
+    trials as a table, best first by the first objective; the trials left out and why."""
+    fig = pareto_plot(trials, front) if len(front.objectives) == 2 else objectives_coordinates(trials, front)
+    names = [name for name, _ in front.objectives]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["id", *names, *params])
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in [
+        t.id, *(number(v) for v in objective_values(t, front.objectives).values()),
+        *(short(t.config.get(p, "")) for p in params)]) + "</tr>" for t in front.trials)
+    notes = [heading(front), *filter(None, [left_out(front)])]
+    return "".join(f'<p class="meta">{html.escape(n)}</p>' for n in notes) + \
+        _plot_html(folder, "pareto", fig, "No trial has logged every objective yet.") + \
+        (f'<table class="pareto"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>' if rows else "")
 
 
 def _plot_html(folder: Path, name: str, fig: Figure | None, note: str) -> str:
@@ -155,10 +188,13 @@ def write_report(directory: Path) -> Path:
         hosts = store.postgres
     finally:
         store.close()
+    objectives = sweep_metrics(sweep)
     metric, goal = sweep_metric(sweep)
     metric = metric or "metric"
     params = swept(sweep)
-    best = best_trial(trials, goal)
+    front = pareto_front(trials, objectives) if several(objectives) else None
+    # With several objectives, the best by the first is the front's first: a trial off the front is beaten.
+    best = front.trials[0] if front and front.trials else best_trial(trials, goal)
     folder = directory / "report"
     folder.mkdir(exist_ok=True)
     no_metric = f"No trial has logged {metric} yet."
@@ -173,11 +209,16 @@ def write_report(directory: Path) -> Path:
                            f'<tbody>{table}</tbody></table>' +
                            _plot_html(folder, "importance", importance_chart(ranked_by, metric), ""))
     counts = state_counts(trials)
+    aim = f"objectives {', '.join(f'{n} ({g})' for n, g in objectives)}" if front else f"metric {metric} ({goal})"
+    which = f"Best on the Pareto front by {metric}" if front and front.trials else "Best"
     best_html = "No trial has a metric yet." if best is None else (
-        f"Best: <b>{best.id}</b>, {html.escape(metric)} = {best.metric:.4g}; config: <code>" +
+        f"{html.escape(which)}: <b>{best.id}</b>, {html.escape(metric)} = {best.metric:.4g}; config: <code>" +
         html.escape(" ".join(f"{k}={short(v)}" for k, v in best.config.items())) + "</code>")
+    in_order = ranked(trials, goal) if front is None else \
+        front.trials + [t for t in ranked(trials, goal) if t.id not in front.ids]
     sections = [
-        ("Trials", _trials_html(ranked(trials, goal), metric, params, best, hosts)),
+        ("Trials", _trials_html(in_order, metric, params, best, hosts, front)),
+        *([("Pareto front", _pareto_html(folder, trials, front, params))] if front else []),
         ("Metric over trials", _plot_html(folder, "metric_over_trials", metric_over_trials(trials, metric, goal),
                                           no_metric)),
         ("Parallel coordinates", _plot_html(folder, "parallel_coordinates",
@@ -189,8 +230,8 @@ def write_report(directory: Path) -> Path:
     ]
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Sweep {html.escape(sweep_id)}'
             f'</title><style>{CSS}</style></head><body><h1>Sweep {html.escape(sweep_id)}</h1>'
-            f'<p class="meta">method {html.escape(str(sweep.get("method")))} · metric {html.escape(metric)} '
-            f'({html.escape(goal)}) · {counts} · written {time.strftime("%Y-%m-%d %H:%M:%S")}</p><p>{best_html}</p>' +
+            f'<p class="meta">method {html.escape(str(sweep.get("method")))} · {html.escape(aim)} · {counts} · '
+            f'written {time.strftime("%Y-%m-%d %H:%M:%S")}</p><p>{best_html}</p>' +
             "".join(f"<h2>{title}</h2>{body}" for title, body in sections) + "</body></html>")
     path = directory / "report.html"
     partial = directory / ".report.html.partial"
@@ -207,20 +248,13 @@ def wandb_report(path: str) -> int:
         # Not sweep.runs: its runs fetch their config and summary one request each.
         runs = list(api.runs(f"{entity}/{project}", filters={"$and": [{"sweep": sweep_id}]}, lazy=False))
     metric, goal = sweep_metric(config)
-    trials = []
-    for run in runs:
-        value = run.summary.get(metric) if metric else None
-        runtime = run.summary.get("_runtime")
-        state = run.state if run.state in STATES else WANDB_STATES.get(run.state, CRASHED)
-        trials.append(Trial(id=run.id, params={k: {"value": v} for k, v in dict(run.config).items()}, state=state,
-                            metric=float(value) if is_number(value) else None, reason=diverged(dict(run.summary)),
-                            started=0.0 if is_number(runtime) and runtime > 0 else None,
-                            ended=float(runtime) if is_number(runtime) and runtime > 0 else None))
-    params = swept(config)
+    trials = [run_trial(run, metric) for run in runs]
     out = console()
     out.print(f"sweep {path} ({config.get('method', '?')}): {len(trials)} runs")
-    out.print(TrialTable(ranked(trials, goal), metric, params, remedy="widen the terminal or see the dashboard"))
-    out.print(summary_line(trials, metric, goal, params))
+    table, lines = sweep_table(trials, config, ranked(trials, goal), remedy="widen the terminal or see the dashboard")
+    out.print(table)
+    for line in lines:
+        out.print(line)
     out.print(f"dashboard: {url}", soft_wrap=True)
     return 0
 
