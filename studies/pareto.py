@@ -10,6 +10,8 @@ import optuna
 
 
 def tpe_pareto(sweep):
+    # a sweep's `metric:` takes the same sampler (bench/pareto.py's single-objective twin)
+    objectives = sweep.config.get("metrics") or [sweep.config["metric"]]
     return optuna.create_study(
-        directions=[metric["goal"] for metric in sweep.config["metrics"]],
+        directions=[metric["goal"] for metric in objectives],
         sampler=optuna.samplers.TPESampler(multivariate=True, constant_liar=True, n_startup_trials=6))
