@@ -13,7 +13,7 @@ import signal
 # Environment: set by the controller or `agent launch`, read by the trial program.
 WARM_SOCKET_ENV = "AGENT_WARM_SOCKET"  # this slot's warm worker: `agent run` hands itself to it
 STORE_ENV = "AGENT_STORE"  # a PostgreSQL store for every `agent local` of the shell, as --store
-HOLD_ENV = "AGENT_HOLD"  # tests: "PHASE FIFO", the trial waits at PHASE until FIFO is written (program/hold.py)
+HOLD_ENV = "AGENT_HOLD"  # tests: "PHASE:N FIFO", the trial waits at PHASE's N-th time until FIFO is written (hold.py)
 
 # Signals a trial gets, and what each asks of ours.
 STOP = signal.SIGTERM  # a sweep's stop (hyperband, W&B's Stop button): end, test, log the best model, exit 0

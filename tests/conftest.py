@@ -21,7 +21,7 @@ import yaml
 from agent.controller.processes import WarmWorker
 from agent.controller.store import open_store
 from tests.fake_wandb import KEY, FakeWandb, isolated
-from tests.helpers import QUICK_VAL, PostgresServer, agent_command, fresh_env, wait_for
+from tests.helpers import QUICK_VAL, Hold, PostgresServer, agent_command, fresh_env, wait_for
 from tests.helpers import offline_env as offline_env_under
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -123,6 +123,21 @@ def fake_wandb(tmp_path, mocker):
     yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def hold_at(tmp_path):
+    """hold_at(phase, occurrence=1): a tests.helpers.Hold in tmp_path, ended when the test is over, so that a test
+    that fails while a trial is held leaves no trial held (the session's warm worker waits for its trials)."""
+    holds: list[Hold] = []
+
+    def make(phase: str, occurrence: int = 1) -> Hold:
+        holds.append(Hold(tmp_path, phase, occurrence))
+        return holds[-1]
+
+    yield make
+    for hold in holds:
+        hold.end()
 
 
 WARM = pytest.mark.xdist_group("warm-worker")

@@ -1,9 +1,11 @@
 """What many tests need: the offline W&B environment, W&B's own reader of offline runs, waiting on a
-handshake (a file, a line, a record) instead of on a clock, and W&B's agent with a server the test plays."""
+handshake (a file, a line, a record) instead of on a clock, holding a trial where a signal is to land, and
+W&B's agent with a server the test plays."""
 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import yaml
 from wandb.util import get_core_path
 
-from agent.controller.runlog import RunLogReader, find_run_file
+from agent.contract import HOLD_ENV
 from agent.install import this_python_first
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,14 +64,39 @@ def records_of(records: list[dict], kind: str) -> list[dict]:
     return [r[kind] for r in records if r["type"] == kind]
 
 
+def history(records: list[dict]) -> list[dict]:
+    """The rows of a run's history, in order, from its records (leet_records)."""
+    return [h["item"] for h in records_of(records, "history")]
+
+
 def validated_epochs(records: list[dict]) -> list[int]:
-    """The epochs whose validation a run logged, in order, from its records (leet_records)."""
-    return [h["item"]["epoch"] for h in records_of(records, "history") if "val_acc" in h["item"]]
+    """The epochs whose validation a run logged, in order."""
+    return [row["epoch"] for row in history(records) if "val_acc" in row]
+
+
+def model_artifacts(records: list[dict]) -> list[dict]:
+    """The `model-<run id>` artifacts a run logged, in order: each improvement, then the tested best."""
+    return [a for a in records_of(records, "artifact") if a["type"] == "model"]
+
+
+def resume_artifact_names(records: list[dict]) -> list[str]:
+    """The names of the `resume-<run id>` artifacts a run logged: the full state it saved when preempted."""
+    return [a["name"] for a in records_of(records, "artifact") if a["type"] == "checkpoint"]
+
+
+def exit_codes(records: list[dict]) -> list[int]:
+    """The exit code of each exit record of a run (W&B leaves out a 0)."""
+    return [e.get("exit_code", 0) for e in records_of(records, "exit")]
 
 
 def run_dirs(wandb_dir: Path, run_id: str) -> list[Path]:
     """Every attempt's offline run directory of `run_id` under `wandb_dir`, oldest first."""
     return sorted((Path(wandb_dir) / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def run_dir_of(result: dict) -> Path:
+    """The offline run directory of a logged_run's result (its best checkpoint is in RUN_DIR/checkpoints)."""
+    return Path(result["best_checkpoint"]).parents[1]
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout: float = 120,
@@ -104,17 +131,84 @@ def python(source: str, *args) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def validated(wandb_dir: Path, run_id: str, epoch: int) -> Callable[[], bool]:
-    """A wait_for condition: the newest run `run_id` under `wandb_dir` has logged its validation of `epoch`."""
-    rows: list[dict] = []
-    readers: dict[Path, RunLogReader] = {}
+def dead(pid: int) -> bool:
+    """Exited: a zombie its parent has not reaped yet, or gone (reaped between two looks is gone too)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
-    def seen() -> bool:
-        path = find_run_file(wandb_dir, run_id)
-        if path is not None:
-            rows.extend(readers.setdefault(path, RunLogReader(path)).poll())
-        return any(r.get("epoch") == epoch and "val_acc" in r for r in rows)
-    return seen
+
+# The signals tests send: each process a test will signal starts with them at their default.
+SENT = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def default_signals() -> None:
+    """preexec_fn of a process a test will signal. A process inherits ignored signals, and bash starts a
+    background job (`pytest ... &` in a script) with SIGINT ignored: a warm trial's client then passes the
+    ignore on to its trial on purpose (agent/program/handoff.py), and a Ctrl-C test's trial would run to its
+    end. What the test sends must reach what it tests, however the suite was started."""
+    for signum in SENT:
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def signalled(command: list[str], **popen) -> subprocess.Popen:
+    """subprocess.Popen of a process the test will signal (or whose children it will): SENT at their default."""
+    return subprocess.Popen(command, preexec_fn=default_signals, **popen)
+
+
+class Hold:
+    """The test's side of agent/program/hold.py: `env` (for the trial's environment, or that of whatever starts
+    it) holds a trial the `occurrence`-th time it reaches `phase`, so that a signal lands exactly there. Tests
+    make theirs with the `hold_at` fixture, which ends each at teardown.
+
+    wait() until a trial is held; deliver() a signal to it (sent to whatever relays it, and waited for until the
+    trial has handled it) and release it; release() alone; end() the hold, for trials that inherit `env` later.
+    A released hold holds again the next trial that reaches its point (a sweep's next trial inherits `env`)."""
+
+    def __init__(self, directory: Path, phase: str, occurrence: int = 1):
+        self.where = f"{phase}:{occurrence}"
+        self.fifo = Path(directory) / f"hold-{phase}-{occurrence}"
+        os.mkfifo(self.fifo)
+        self.env = {HOLD_ENV: f"{self.where} {self.fifo}"}
+        self.held, self.signals = Path(f"{self.fifo}.held"), Path(f"{self.fifo}.signals")
+
+    def wait(self, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
+        wait_for(self.held.exists, f"a trial held at {self.where}", timeout, proc)
+
+    def deliver(self, send: Callable[[], object], signum: int, proc: subprocess.Popen | None = None) -> None:
+        """Calls `send`, which sends a signal that reaches the held trial as `signum` (maybe through others),
+        waits until the trial has handled it, then releases it."""
+        send()
+        name = signal.Signals(signum).name
+        wait_for(lambda: self.signals.exists() and name in self.signals.read_text().split(),
+                 f"{name} to reach the trial held at {self.where}", 60, proc)
+        self.release()
+
+    def release(self) -> None:
+        self.held.unlink()
+        self.signals.unlink(missing_ok=True)
+        fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)  # the held trial has it open: never blocks
+        try:
+            os.write(fd, b"go")
+        finally:
+            os.close(fd)
+
+    def end(self) -> None:
+        """No trial holds here any more: one held now (a test that failed meanwhile) goes on too."""
+        ended = self.fifo.with_name(f"{self.fifo.name}.ended")
+        try:
+            os.replace(self.fifo, ended)  # no trial opens it from now on; one that has it open is let go below
+        except FileNotFoundError:
+            return
+        try:
+            fd = os.open(ended, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no trial has it open
+            pass
+        else:
+            os.write(fd, b"go")
+            os.close(fd)
+        ended.unlink()
 
 
 def fresh_env(root: Path, **extra: str) -> dict[str, str]:
@@ -132,10 +226,8 @@ AGENT = [sys.executable, str(PROGRAMS / "wandb_agent_offline.py")]
 class Server:
     """The test's side of the fake W&B server: command files in, heartbeats out."""
 
-    def __init__(self, control: Path, root: Path, args: dict):
-        self.control, self.root, self.args, self.sent = control, root, args, 0
-        self.readers: dict[str, RunLogReader] = {}
-        self.rows: dict[str, list[dict]] = {}
+    def __init__(self, control: Path, args: dict):
+        self.control, self.args, self.sent = control, args, 0
 
     def send(self, *commands: dict):
         (self.control / f"{self.sent:03d}.json").write_text(json.dumps(list(commands)))
@@ -155,16 +247,6 @@ class Server:
     def handed_out(self) -> bool:
         return not list(self.control.glob("*.json"))
 
-    def val_epochs(self, run_id: str) -> list[int]:
-        """The epochs whose validation the newest attempt of `run_id` has logged so far."""
-        path = find_run_file(self.root, run_id)
-        if path is None:
-            return []
-        if run_id not in self.readers or self.readers[run_id].path != path:
-            self.readers[run_id], self.rows[run_id] = RunLogReader(path), []
-        self.rows[run_id] += self.readers[run_id].poll()
-        return [row["epoch"] for row in self.rows[run_id] if "val_acc" in row]
-
 
 def start_wandb_agent(tmp_path: Path, command: list[str], args: dict, **env: str) -> tuple[Server, subprocess.Popen]:
     """W&B's agent (AGENT) in `command`, its server the returned Server, handing out runs of `args`."""
@@ -174,15 +256,15 @@ def start_wandb_agent(tmp_path: Path, command: list[str], args: dict, **env: str
     (control / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     env = fresh_env(tmp_path, WANDB_API_KEY="x" * 40, WANDB_BASE_URL="https://api.wandb.test", **env)
     command = [part.format(control=control) for part in command]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    return Server(control, tmp_path, args), proc
+    proc = signalled(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return Server(control, args), proc
 
 
-def run_record(root, run_id, attempt=-1):
+def run_record(root, run_id, attempt=-1) -> tuple[list[dict], int]:
+    """The records of an attempt of `run_id` under `root` (the newest by default) and its exit code."""
     records = leet_records(run_dirs(root, run_id)[attempt])
-    [exit_record] = records_of(records, "exit")
-    return records, exit_record.get("exit_code", 0)
+    [code] = exit_codes(records)
+    return records, code
 
 
 class PostgresServer:

@@ -25,7 +25,7 @@ from cifar_core.data import synthetic_images, synthetic_splits
 from cifar_core.model import create_model
 from cifar_core.system import ImageClassifier
 from tests.conftest import HYPERBAND
-from tests.helpers import agent_command, leet_summary
+from tests.helpers import agent_command, leet_summary, run_dirs
 
 pytestmark = [pytest.mark.slow, HYPERBAND]  # the session's hyperband sweep: one xdist process runs them all
 
@@ -54,7 +54,7 @@ def sweep(hyperband_sweep):
     assert len(finished) >= 2, [(t.id, t.state, t.reason) for t in hyperband_sweep.trials]
     top = max(t.metric for t in finished)
     winner = next(t for t in finished if t.metric == top)  # ties: the first, as `agent status` shows
-    [run_dir] = (hyperband_sweep.dir / "wandb").glob(f"offline-run-*-{winner.id}")
+    [run_dir] = run_dirs(hyperband_sweep.dir, winner.id)
     return SimpleNamespace(dir=hyperband_sweep.dir, env=hyperband_sweep.env, trial=winner, run_dir=run_dir,
                            logged=leet_summary(run_dir))
 

@@ -7,7 +7,7 @@ from agent.__main__ import main
 from agent.program.run import parse_flags
 from agent.program.validate import validate
 from tests.conftest import WARM, write_cifar
-from tests.helpers import REPO, agent_command, fresh_env, leet_records, records_of
+from tests.helpers import REPO, agent_command, exit_codes, fresh_env, leet_records
 
 
 def test_parse_flags_takes_every_form_wandb_args_macros_produce():
@@ -71,4 +71,4 @@ def test_corrupt_data_file_exits_2_naming_it_and_finishes_the_run(tmp_path, warm
     ours = [line for line in out.stderr.splitlines() if line.startswith("agent run:")]
     assert ours == [out.stderr.splitlines()[-1]] and ours[0].startswith(f"agent run: {batch}: "), out.stderr
     [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
-    assert [e.get("exit_code") for e in records_of(leet_records(run_dir), "exit")] == [2]
+    assert exit_codes(leet_records(run_dir)) == [2]

@@ -12,7 +12,15 @@ from cifar_core.config import TrainConfig
 from cifar_core.data import CIFAR10_CLASSES as CLASSES
 from cifar_core.data import ImageDataModule
 from cifar_core.predictions import example_rows
-from tests.helpers import agent_command, leet_records, leet_summary
+from tests.helpers import (
+    agent_command,
+    history,
+    leet_records,
+    leet_summary,
+    model_artifacts,
+    records_of,
+    validated_epochs,
+)
 
 
 @pytest.mark.slow
@@ -32,8 +40,8 @@ def test_agent_run_logs_config_metrics_images_and_best_model(cifar_dir, offline_
     assert 0 <= summary["summary"]["test_acc"] <= 1 and "test_loss" in summary["summary"]
 
     records = leet_records(run_dir)
-    rows = [r["history"]["item"] for r in records if r["type"] == "history"]
-    assert [row["epoch"] for row in rows if "val_acc" in row] == [0, 1]
+    rows = history(records)
+    assert validated_epochs(records) == [0, 1]
     [images] = [row for row in rows if "examples.captions" in row]  # once, with the best model's predictions
     captions = [parse_caption(c) for c in images["examples.captions"]]
     val = ImageDataModule(TrainConfig(data_dir=str(cifar_dir)))
@@ -42,9 +50,10 @@ def test_agent_run_logs_config_metrics_images_and_best_model(cifar_dir, offline_
     assert all((run_dir / "files" / f).is_file() for f in images["examples.filenames"])
     assert summary["summary"]["trial/fit_s"] > 0 and summary["summary"]["trial/test_s"] > 0
 
-    models = [r["artifact"] for r in records if r["type"] == "artifact"]
-    assert models and all(a["type"] == "model" and a["name"] == f"model-{summary['run_id']}" and
-                          set(a["aliases"]) == {"best", "latest"} for a in models)
+    models = model_artifacts(records)
+    assert models == records_of(records, "artifact")  # a run never preempted logs no resume state
+    assert models and all(a["name"] == f"model-{summary['run_id']}" and set(a["aliases"]) == {"best", "latest"}
+                          for a in models)
     final = models[-1]  # one per improvement, then the tested best with its test metrics
     [entry] = final["manifest"]["contents"]
     assert entry["path"] == "model.ckpt" and Path(entry["local_path"]).is_file()

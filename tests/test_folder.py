@@ -21,7 +21,7 @@ from cifar_core.data import ImageDataModule
 from cifar_core.fetch import DatasetError
 from cifar_core.folder import load_folder, scan, stored_size
 from tests.conftest import FOLDER_CLASSES, write_cifar100, write_image_folder
-from tests.helpers import REPO, agent_command, fresh_env, leet_summary, python, wait_for, waits_on_lock
+from tests.helpers import REPO, agent_command, fresh_env, leet_summary, python, run_dirs, wait_for, waits_on_lock
 
 
 def folder_data(data_dir: Path, cache: Path, **kwargs) -> ImageDataModule:
@@ -225,7 +225,7 @@ def test_a_finetune_sweep_on_a_folder_reports_picks_evaluates_and_exports_with_i
     assert [t.state for t in trials] == ["finished", "finished"], [(t.state, t.reason) for t in trials]
     assert len(list((tmp_path / "cache").glob("imagefolder-*"))) == 1  # decoded once, before the first trial
     for t in trials:  # which weights each trial started from, in its summary and its log
-        [run_dir] = (tmp_path / "D" / "wandb").glob(f"offline-run-*-{t.id}")
+        [run_dir] = run_dirs(tmp_path / "D", t.id)
         assert leet_summary(run_dir)["summary"]["model/weights"] == f"file {weights}"
         assert f"timm/test_resnet: weights from file {weights}" in (tmp_path / "D" / "logs" / f"{t.id}.log").read_text()
     page = (tmp_path / "D" / "report.html").read_text()

@@ -20,7 +20,7 @@ import yaml
 
 import agent.online.launch as launch
 from agent.__main__ import main
-from tests.helpers import REPO, wait_for
+from tests.helpers import REPO, signalled, wait_for
 
 # wandb.sweep's own code reads a deprecated setting; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Read the `app_url` setting:DeprecationWarning")
@@ -227,8 +227,8 @@ def test_signal_to_launcher_reaches_every_agent(signum, received, tmp_path):
     wrapper.write_text(LAUNCHER.format(repo=str(REPO), agent=str(agent_script)))
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
-        proc = subprocess.Popen([sys.executable, str(wrapper), "launch", "e/p/abc123", "--gpus", "0,1",
-                                 "--stagger", "0", "--cold"], cwd=tmp_path, env=env, stdout=out, stderr=err)
+        proc = signalled([sys.executable, str(wrapper), "launch", "e/p/abc123", "--gpus", "0,1", "--stagger", "0",
+                          "--cold"], cwd=tmp_path, env=env, stdout=out, stderr=err)
         try:
             wait_for(lambda: (tmp_path / "started-0").exists() and (tmp_path / "started-1").exists(),
                      "both agents to start", timeout=30, proc=proc)

@@ -1,7 +1,6 @@
 """The speed record's techniques, each on its own, then all of them in one short trial."""
 
 import json
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +16,7 @@ from cifar_core.evaluate import TTA, evaluate, inference
 from cifar_core.model import create_model
 from cifar_core.networks import WHITENING_IMAGES, init_whitening
 from cifar_core.system import Lookahead, triangle
-from tests.helpers import leet_records, logged_run, records_of
+from tests.helpers import leet_records, logged_run, model_artifacts, run_dir_of
 
 AIRNET_8 = TrainConfig(model="airnet", width=8)
 
@@ -114,6 +113,5 @@ def test_the_recipe_trains_in_a_normal_trial_and_its_best_model_scores_as_logged
     whitening = create_model(config, 10)  # trained, the layer must still be what the data set it to
     init_whitening(whitening.body.whiten, whitening.normalize(dm.train_set[:WHITENING_IMAGES]))
     assert torch.equal(net.body.whiten.weight, whitening.body.whiten.weight)
-    run_dir = os.path.dirname(os.path.dirname(result["best_checkpoint"]))
-    final = [a for a in records_of(leet_records(run_dir), "artifact") if a["type"] == "model"][-1]
+    final = model_artifacts(leet_records(run_dir_of(result)))[-1]
     assert json.loads(final["metadata"])["config"]["tta"] == 2

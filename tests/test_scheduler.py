@@ -15,7 +15,7 @@ import yaml
 from agent.controller.store import open_store
 from agent.errors import UsageError
 from agent.program.validate import validate
-from tests.helpers import PROGRAMS, REPO, agent_command, fresh_env, leet_records, records_of, run_dirs, wait_for
+from tests.helpers import PROGRAMS, REPO, agent_command, fresh_env, model_artifacts, run_record, wait_for
 
 OURS = ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]
 STUDY = '''
@@ -80,8 +80,8 @@ def test_optunas_pruner_stops_the_hopeless_trial_which_tests_and_logs_its_best_m
     # outside the best half it is pruned too (asynchronous successive halving); the leader trains on.
     assert "finished" in {t.state for t in trials if t is not hopeless}
     assert all(row["_step"] == i for i, row in enumerate(trials[0].rows, 1))  # W&B's _step: epochs trained
-    records = leet_records(run_dirs(directory, hopeless.id)[-1])
-    final = [a for a in records_of(records, "artifact") if a["type"] == "model"][-1]
+    records, _ = run_record(directory, hopeless.id)
+    final = model_artifacts(records)[-1]
     assert "best" in final["aliases"] and "test_acc" in json.loads(final["metadata"])  # tested, then logged
 
 

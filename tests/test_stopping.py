@@ -16,7 +16,7 @@ from agent.contract import BY_STOP, COMPLETED, DIVERGED
 from agent.program.run import SignalRequests, WandbRecord
 from cifar_core.config import TrainConfig
 from cifar_core.ending import Request
-from tests.helpers import QUICK_VAL, leet_records, leet_summary, logged_run, records_of
+from tests.helpers import QUICK_VAL, leet_records, leet_summary, logged_run, model_artifacts, run_dir_of
 
 CONFIG = dict(dataset="synthetic", val_fraction=QUICK_VAL, max_epochs=5, limit_train_batches=6,
               early_stopping_patience=10)
@@ -42,18 +42,13 @@ class SignalAt(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def logged(result: dict) -> list[dict]:
-    run_dir = os.path.dirname(os.path.dirname(result["best_checkpoint"]))
-    return [a for a in records_of(leet_records(run_dir), "artifact") if a["type"] == "model"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("hook", ["on_train_batch_start", "on_validation_batch_start"])
 def test_a_stop_during_training_or_validation_ends_fit_and_logs_the_tested_best(offline, hook):
     result = logged_run(TrainConfig(**CONFIG), callbacks=[SignalAt(hook)])
     assert result["ended_by"] == BY_STOP and result["epochs"] == 1  # not the 5 it was given
     assert result["best_epoch"] == 0
-    [*improvements, final] = logged(result)
+    [*improvements, final] = model_artifacts(leet_records(run_dir_of(result)))
     assert set(final["aliases"]) == {"best", "latest"} and "test_acc" in final["metadata"]
 
 
@@ -73,7 +68,7 @@ def test_a_stop_during_the_test_or_the_artifact_upload_lets_them_finish(offline,
     monkeypatch.setattr(target, phase, signal_first)
     result = logged_run(TrainConfig(**{**CONFIG, "max_epochs": 2}))
     assert calls and result["ended_by"] == COMPLETED and result["epochs"] == 2  # training was not cut short
-    assert "test_acc" in logged(result)[-1]["metadata"]
+    assert "test_acc" in model_artifacts(leet_records(run_dir_of(result)))[-1]["metadata"]
 
 
 @pytest.mark.slow
@@ -92,6 +87,17 @@ def test_wandbs_own_stop_is_a_stop_not_a_keyboard_interrupt(offline):
     assert result["ended_by"] == BY_STOP and result["epochs"] == 1
 
 
+def test_a_signal_ignored_at_start_stays_ignored_and_the_others_are_listened_for():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job of a script, or nohup
+    try:
+        with SignalRequests() as requests:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGUSR1) == requests._on_signal
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_preemption_is_never_downgraded_by_a_later_stop():
     requests = SignalRequests()
     for reason in (Request.STOP, Request.PREEMPT, Request.STOP, Request.INTERRUPT):
@@ -103,5 +109,5 @@ def test_a_preemption_is_never_downgraded_by_a_later_stop():
 def test_a_diverging_loss_ends_fit_at_once_and_the_run_says_so(offline):
     result = logged_run(TrainConfig(**{**CONFIG, "optimizer": "sgd", "lr": 1e6}))
     assert result["ended_by"] == DIVERGED and result["epochs"] == 0 and result["steps"] <= 3
-    summary = leet_summary(os.path.dirname(os.path.dirname(result["best_checkpoint"])))["summary"]
+    summary = leet_summary(run_dir_of(result))["summary"]
     assert summary["ended_by"] == DIVERGED and summary["diverged_at_step"] == result["steps"] - 1

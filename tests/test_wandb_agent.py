@@ -3,8 +3,9 @@ warm (through a warm worker, as `agent launch` sets up) and cold.
 
 The agent is W&B's `wandb agent --forward-signals` with only its server calls replaced
 (tests/programs/wandb_agent_offline.py): the test plays the server, handing out `run`, `stop`,
-`resume` and `exit` commands once the runs have said, in their own logs, that they got where
-the test waits for. What each run logged is read back with W&B's own offline reader.
+`resume` and `exit` commands. Each stop and notice lands while the run is held at one training batch
+(tests.helpers.Hold), and the run says it has handled it before it is let go. What each run logged is read
+back with W&B's own offline reader.
 """
 
 import json
@@ -18,7 +19,9 @@ from tests.conftest import WARM
 from tests.helpers import (
     AGENT,
     QUICK_VAL,
+    model_artifacts,
     records_of,
+    resume_artifact_names,
     run_dirs,
     run_record,
     start_wandb_agent,
@@ -28,9 +31,11 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 
-ARGS = {"dataset": {"value": "synthetic"}, "val_fraction": {"value": QUICK_VAL}, "limit_train_batches": {"value": 12},
-        "max_epochs": {"value": 4}, "early_stopping_patience": {"value": 10}}
+BATCHES = 12  # a training epoch of ARGS
+ARGS = {"dataset": {"value": "synthetic"}, "val_fraction": {"value": QUICK_VAL},
+        "limit_train_batches": {"value": BATCHES}, "max_epochs": {"value": 4}, "early_stopping_patience": {"value": 10}}
 PREEMPTED_EXIT = 128 + signal.SIGUSR1
+IN_EPOCH_1 = BATCHES + 5  # the training batch each signal lands after: batch 5 of epoch 1
 
 
 # `agent launch` as its CLI runs it, with each of its agents W&B's agent driven by the test.
@@ -48,11 +53,13 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.fixture
-def agent(tmp_path, warm_worker):
-    """W&B's agent, its runs going through a warm worker (as `agent launch` sets up one per agent)."""
+def agent(tmp_path, warm_worker, hold_at):
+    """W&B's agent, its runs going through a warm worker (as `agent launch` sets up one per agent), and the hold
+    every run it starts inherits."""
+    hold = hold_at("train_batch", IN_EPOCH_1)
     server, proc = start_wandb_agent(tmp_path, [*AGENT, "{control}", "--forward-signals", "ent/proj/sweep1"], ARGS,
-                                     AGENT_WARM_SOCKET=warm_worker.socket)
-    yield server, proc
+                                     AGENT_WARM_SOCKET=warm_worker.socket, **hold.env)
+    yield server, proc, hold
     if proc.poll() is None:
         proc.kill()
         proc.communicate()
@@ -60,40 +67,40 @@ def agent(tmp_path, warm_worker):
 
 @WARM
 def test_stops_finish_runs_with_their_best_model_and_preemption_requeues_them(agent, tmp_path):
-    server, proc = agent
+    server, proc, hold = agent
 
-    # A stop after the first validation: the run ends early, finished, with its best model.
+    # A stop in epoch 1: the run ends after that batch, finished, with its best model.
     server.run("stopped1")
-    wait_for(lambda: server.val_epochs("stopped1"), "stopped1's first validation", proc=proc)
-    server.send({"type": "stop", "run_id": "stopped1"})
+    hold.wait(proc=proc)
+    hold.deliver(lambda: server.send({"type": "stop", "run_id": "stopped1"}), signal.SIGTERM, proc=proc)
     wait_for(lambda: server.handed_out() and not server.running("stopped1"), "the agent to reap stopped1", proc=proc)
     records, code = run_record(tmp_path, "stopped1")
     assert code == 0
     assert not records_of(records, "preempting")
-    assert len(set(server.val_epochs("stopped1"))) < 4  # it did end early
-    models = [a for a in records_of(records, "artifact") if a["type"] == "model"]
-    assert models and models[-1]["name"] == "model-stopped1" and set(models[-1]["aliases"]) == {"best", "latest"}
+    assert validated_epochs(records) == [0]  # not the 4 it was given
+    models = model_artifacts(records)
+    assert models[-1]["name"] == "model-stopped1" and set(models[-1]["aliases"]) == {"best", "latest"}
     assert "test_acc" in json.loads(models[-1]["metadata"])  # the last one logged is the tested best
 
     # A preemption notice to the agent (forwarded): state saved, marked preempting, non-zero exit;
-    # W&B's `resume` command for the same id continues from the saved epoch.
+    # W&B's `resume` command for the same id continues from the saved batch.
     server.run("preempted1")
-    wait_for(lambda: 1 in server.val_epochs("preempted1"), "preempted1's second validation", proc=proc)
-    proc.send_signal(signal.SIGUSR1)
+    hold.wait(proc=proc)
+    hold.deliver(lambda: proc.send_signal(signal.SIGUSR1), signal.SIGUSR1, proc=proc)
     wait_for(lambda: not server.running("preempted1"), "the agent to reap preempted1", proc=proc)
     records, code = run_record(tmp_path, "preempted1")
     assert code == PREEMPTED_EXIT
     assert records_of(records, "preempting")
-    assert [a["name"] for a in records_of(records, "artifact") if a["type"] == "checkpoint"] == ["resume-preempted1"]
-    saved_epoch = max(server.val_epochs("preempted1")) + 1  # the epoch it was in
+    assert resume_artifact_names(records) == ["resume-preempted1"]
+    assert validated_epochs(records) == [0]
+    hold.end()  # the resume, and the runs after it, inherit the agent's environment
     server.run("preempted1", kind="resume")
     wait_for(lambda: len(run_dirs(tmp_path, "preempted1")) == 2 and server.running("preempted1"),
              "the resumed run", proc=proc)
     wait_for(lambda: not server.running("preempted1"), "the resumed run to end", timeout=180, proc=proc)
     records, code = run_record(tmp_path, "preempted1")
     assert code == 0
-    resumed = validated_epochs(records)
-    assert resumed == list(range(saved_epoch, 4))  # continued, not from epoch 0
+    assert validated_epochs(records) == [1, 2, 3]  # the rest of epoch 1, then the others
 
     # A burst of stops, each right after its run started (as hyperband gives): every run finishes
     # and the agent, which quits after 3 failures in its first minute, stays up for the next.
@@ -112,12 +119,14 @@ def test_stops_finish_runs_with_their_best_model_and_preemption_requeues_them(ag
     assert counts == {"failed": 1, "finished": 5}  # the one failure is the preemption, as W&B needs it
 
 
-def test_a_stop_through_the_agent_finishes_a_cold_run_too(tmp_path):
-    server, proc = start_wandb_agent(tmp_path, [*AGENT, "{control}", "--forward-signals", "ent/proj/sweep1"], ARGS)
+def test_a_stop_through_the_agent_finishes_a_cold_run_too(tmp_path, hold_at):
+    hold = hold_at("train_batch", IN_EPOCH_1)
+    server, proc = start_wandb_agent(tmp_path, [*AGENT, "{control}", "--forward-signals", "ent/proj/sweep1"], ARGS,
+                                     **hold.env)
     try:
         server.run("cold1")
-        wait_for(lambda: server.val_epochs("cold1"), "cold1's first validation", proc=proc)
-        server.send({"type": "stop", "run_id": "cold1"})
+        hold.wait(proc=proc)
+        hold.deliver(lambda: server.send({"type": "stop", "run_id": "cold1"}), signal.SIGTERM, proc=proc)
         wait_for(lambda: server.handed_out() and not server.running("cold1"), "the agent to reap cold1", proc=proc)
         server.send({"type": "exit"})
         assert proc.wait(timeout=60) == 0
@@ -126,23 +135,26 @@ def test_a_stop_through_the_agent_finishes_a_cold_run_too(tmp_path):
             proc.kill()
     records, code = run_record(tmp_path, "cold1")
     assert code == 0 and not records_of(records, "preempting")
+    assert validated_epochs(records) == [0]
     assert json.loads((server.control / "agent.json").read_text()) == {"failed": 0, "finished": 1}
 
 
-def test_launch_on_sigterm_preempts_its_runs_so_that_wandb_requeues_them(tmp_path):
+def test_launch_on_sigterm_preempts_its_runs_so_that_wandb_requeues_them(tmp_path, hold_at):
     wrapper = tmp_path / "launcher.py"
     wrapper.write_text(LAUNCHER.format(agent=AGENT, control=str(tmp_path / "control")))
+    hold = hold_at("train_batch", IN_EPOCH_1)
     server, launcher = start_wandb_agent(tmp_path, [sys.executable, str(wrapper), "launch", "ent/proj/sweep1",
-                                                    "--gpus", "0", "--stagger", "0"], ARGS)
+                                                    "--gpus", "0", "--stagger", "0"], ARGS, **hold.env)
     try:
         server.run("boxgone1")
-        wait_for(lambda: server.val_epochs("boxgone1"), "boxgone1's first validation", proc=launcher)
-        launcher.send_signal(signal.SIGTERM)  # SLURM's --signal, a pod's deletion
+        hold.wait(proc=launcher)
+        # SLURM's --signal, a pod's deletion: the launcher sends its agents a notice, which they forward
+        hold.deliver(lambda: launcher.send_signal(signal.SIGTERM), signal.SIGUSR1, proc=launcher)
         output = launcher.communicate(timeout=120)[0]
     finally:
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode == 128 + signal.SIGTERM, output[-3000:]
     records, code = run_record(tmp_path, "boxgone1")
-    assert code == PREEMPTED_EXIT and records_of(records, "preempting")
-    assert [a["name"] for a in records_of(records, "artifact") if a["type"] == "checkpoint"] == ["resume-boxgone1"]
+    assert code == PREEMPTED_EXIT and records_of(records, "preempting") and validated_epochs(records) == [0]
+    assert resume_artifact_names(records) == ["resume-boxgone1"]

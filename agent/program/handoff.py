@@ -44,7 +44,7 @@ def run_warm(argv: list[str]) -> int | None:
         sock.close()
         return None
     # A signal ignored here (SIGINT in a background job of a non-interactive shell) stays ignored
-    # in the trial, as in a cold run; the others are passed on.
+    # in the trial, as in a cold run (run.py's SignalRequests); the others are passed on.
     ignored = [s for s in RELAYED if signal.getsignal(s) == signal.SIG_IGN]
 
     def relay(signum, frame):

@@ -57,7 +57,10 @@ class SignalRequests(Requests):
 
     def listen(self) -> None:
         if threading.current_thread() is threading.main_thread():  # only it may set handlers
-            handlers = {s: signal.signal(s, self._on_signal) for s in self.signals}
+            # A signal ignored at start (SIGINT in a background job, nohup) stays ignored, as a warm trial's client
+            # keeps it (handoff.py): Ctrl-C in the terminal that started a background run is not for it.
+            handlers = {s: signal.signal(s, self._on_signal) for s in self.signals
+                        if signal.getsignal(s) != signal.SIG_IGN}
             self.previous = self.previous or handlers
 
     def __enter__(self):
