@@ -63,7 +63,9 @@ def spend(name: str, sweep: dict, minutes: float, workers: int, root: Path) -> l
 
 
 def point(trial) -> dict:
-    network = {k: trial.config.get(k) for k in ("model", "width", "image_size")}
+    network = {k: trial.config.get(k) for k in ("model", "image_size")}
+    if not network["model"].startswith("timm/"):  # timm's networks have their width in their name
+        network["width"] = trial.config.get("width")
     return {"id": trial.id, **{k: trial.summary.get(k) for k in SHOWN}, **network}
 
 
