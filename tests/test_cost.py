@@ -17,7 +17,7 @@ def test_costs_count_the_networks_parameters_and_flops_grow_with_the_image_area(
     small, large = (measure(net, config) for config in sizes.values())
     assert small.params == large.params == sum(p.numel() for p in net.parameters())
     assert large.flops / small.flops == pytest.approx(4, rel=0.15)  # a convolution's work scales with the pixels
-    assert 0 < small.latency_ms and 0 < small.latency_ms_batch and small.seconds < 5
+    assert 0 < small.latency_ms and 0 < small.latency_ms_batch
 
 
 def test_test_time_augmentation_is_part_of_what_is_served():

@@ -285,9 +285,15 @@ OURS_SWEEP = {"method": "grid", "metric": {"name": "val_acc", "goal": "maximize"
               "command": ["${env}", "${interpreter}", "-m", "agent", "run", "${args}"]}
 
 
+# The same sweep under W&B's scheduler (Optuna): the paused trial is told to the rebuilt study as an active one
+# (tell_existing_active_run), and run_cap stays the total.
+OURS_SCHEDULED = {**OURS_SWEEP, "method": "custom", "scheduler": {"engine": "optuna"}, "run_cap": 2}
+
+
 @pytest.mark.slow
-def test_ctrl_c_pauses_our_trials_and_the_same_command_resumes_them_first(tmp_path, hold_at):
-    write_yaml(tmp_path / "ours.yaml", OURS_SWEEP)
+@pytest.mark.parametrize("sweep", [OURS_SWEEP, OURS_SCHEDULED], ids=["grid", "optuna"])
+def test_ctrl_c_pauses_our_trials_and_the_same_command_resumes_them_first(tmp_path, hold_at, sweep):
+    write_yaml(tmp_path / "ours.yaml", sweep)
     command, env = agent_command("local", "ours.yaml"), fresh_env(tmp_path)
     hold = hold_at("train_batch", 8 + 3)  # batch 3 of epoch 1 (limit_train_batches: 8)
     controller = signalled(command, cwd=tmp_path, env={**env, **hold.env}, stdout=subprocess.PIPE,
