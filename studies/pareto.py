@@ -14,4 +14,5 @@ def tpe_pareto(sweep):
     objectives = sweep.config.get("metrics") or [sweep.config["metric"]]
     return optuna.create_study(
         directions=[metric["goal"] for metric in objectives],
-        sampler=optuna.samplers.TPESampler(multivariate=True, constant_liar=True, n_startup_trials=6))
+        sampler=optuna.samplers.TPESampler(multivariate=True, constant_liar=True, n_startup_trials=6),
+        pruner=optuna.pruners.NopPruner())  # create_study's default, MedianPruner, would prune a `metric:` twin
