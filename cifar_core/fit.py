@@ -26,6 +26,9 @@ from cifar_core.system import ImageClassifier
 # starts where Lightning's restored loop progress says (data.TensorBatches), so it does not.
 warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
 warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own deprecated call
+# A resumed run writes into a new run folder, so the "last" checkpoint's folder moves; it tracks no best score to
+# lose (BestModel keeps the best and restores its own), so Lightning's warning about that is noise in the log.
+warnings.filterwarnings("ignore", "The dirpath has changed from")
 # Every Trainer advertises Lightning's cloud logger in the trial's log: nothing a user of this program acts on.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not record.getMessage().startswith("💡 Tip"))
