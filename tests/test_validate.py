@@ -163,13 +163,15 @@ def test_validate_and_create_scan_an_image_folder_on_this_box_relative_to_where_
         create(folder_sweep(tmp_path, "pets"), None, None)
 
 
-def test_validate_only_scans_and_says_nothing_of_a_folder_that_is_not_on_this_box(tmp_path, capsys):
+def test_validate_only_scans_and_says_which_folder_it_could_not_check_on_this_box(tmp_path, capsys):
     root = write_image_folder(tmp_path / "pets", {"train": 1})
     for image in root.glob("train/*/*"):
         image.write_bytes(b"not an image")  # the trials would refuse it, once they decode it
-    for data_dir in (str(root), str(tmp_path / "on-the-gpu-boxes")):
+    away = str(tmp_path / "on-the-gpu-boxes")
+    for data_dir, said in ((str(root), ""), (away, f" (parameters.data_dir {away!r}: not on this box; checked where "
+                                                      "it runs)")):
         assert validate([folder_sweep(tmp_path, data_dir)]) == 0
-        assert capsys.readouterr().out.endswith("sweep.yaml: ok\n")
+        assert capsys.readouterr().out.endswith(f"sweep.yaml: ok{said}\n")
     assert not (tmp_path / "cache").exists()  # nothing decoded
 
 

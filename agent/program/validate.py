@@ -198,19 +198,24 @@ def metric_problems(sweep: dict, parameters: dict) -> list[str]:
     return problems
 
 
-def folder_problems(parameters: dict) -> list[str]:
-    """Each image folder the sweep names (relative to where it would run) that is on this box and that the trials'
-    scan refuses: a stat per file, its decoding left to the trials. One that is not here may be on the GPU boxes;
-    a data_dir left to the default, or to the command's flags, may be another one on theirs."""
-    from cifar_core.fetch import DatasetError
-    from cifar_core.folder import scan
-
+def image_folders(parameters: dict) -> list[str]:
+    """The image folders a sweep's trials would read (relative to where it runs). A data_dir left to the default,
+    or to the command's flags, may be another one on each box."""
     dataset = parameters.get("dataset", {"value": TrainConfig.model_fields["dataset"].default})
     if "imagefolder" not in candidate_values(dataset) or "data_dir" not in parameters:
         return []
+    return [d for d in candidate_values(parameters["data_dir"]) if isinstance(d, str)]
+
+
+def folder_problems(parameters: dict) -> list[str]:
+    """Each image folder the sweep names that is on this box and that the trials' scan refuses: a stat per file,
+    its decoding left to the trials. One that is not here may be on the GPU boxes."""
+    from cifar_core.fetch import DatasetError
+    from cifar_core.folder import scan
+
     problems = []
-    for data_dir in candidate_values(parameters["data_dir"]):
-        if isinstance(data_dir, str) and Path(data_dir).is_dir():
+    for data_dir in image_folders(parameters):
+        if Path(data_dir).is_dir():
             try:
                 scan(Path(data_dir).absolute())
             except DatasetError as e:
@@ -269,6 +274,14 @@ def sweep_problems(sweep: dict) -> list[str]:
     return problems
 
 
+def unchecked(sweep: dict) -> str:
+    """What `ok` could not cover here: the image folders that are not on this box."""
+    parameters = {name: spec for name, spec in (sweep.get("parameters") or {}).items() if isinstance(spec, dict)}
+    away = [d for d in image_folders(parameters) if not Path(d).is_dir()] if runs_our_program(sweep) else []
+    return f" (parameters.data_dir {', '.join(map(repr, away))}: not on this box; checked where it runs)" if away \
+        else ""
+
+
 def validate(paths: list[str]) -> int:
     """Prints a line per problem, `FILE: ok` for a valid file; returns the exit code."""
     failed = False
@@ -280,6 +293,6 @@ def validate(paths: list[str]) -> int:
         for problem in problems:
             print(f"{path}: {problem}")
         if not problems:
-            print(f"{path}: ok")
+            print(f"{path}: ok{unchecked(load_sweep(path))}")
         failed |= bool(problems)
     return 1 if failed else 0
