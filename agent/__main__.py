@@ -106,15 +106,13 @@ def local_command(args) -> int:
     from agent.controller.opened import open_sweep, progress, same_sweep
     from agent.install import pair_problem
     from agent.online.launch import parse_gpus
-    from agent.program.validate import load_sweep, runs_our_program, sweep_problems
+    from agent.program.validate import checked_sweep, runs_our_program
     from agent.views.status import SweepView
 
     if args.gpus_per_trial > 1 and not args.gpus:
         raise UsageError("--gpus-per-trial needs --gpus (without GPUs, set the config's devices in the YAML)")
     gpus = parse_gpus(args.gpus, "local", args.gpus_per_trial) if args.gpus else [None] * args.workers
-    sweep = load_sweep(args.sweep)
-    if problems := sweep_problems(sweep):
-        raise UsageError(f"{args.sweep}: " + "; ".join(problems))
+    sweep = checked_sweep(args.sweep)
     store_url = args.store or os.environ.get(STORE_ENV)
     if store_url and not store_url.startswith("postgresql://"):
         raise UsageError(f"--store={store_url!r}: expected postgresql://USER@HOST[:PORT]/DB (without it, the "
@@ -159,16 +157,21 @@ def status_command(args) -> int:
 
 
 def create_command(args) -> int:
+    """Checked as `validate` checks (our program's config too), before any call to W&B."""
     from agent.online.launch import create
+    from agent.program.validate import checked_sweep, project_of
 
-    return create(args.sweep, args.project, args.entity)
+    sweep = checked_sweep(args.sweep)
+    return create(args.sweep, sweep, args.project or project_of(sweep), args.entity)
 
 
 def launch_command(args) -> int:
     from agent.online.launch import Launcher
+    from agent.program.validate import runs_our_program
 
     launcher = Launcher(args.sweep_path, args.gpus, args.agents_per_gpu, args.count, args.stagger, args.max_restarts,
-                        warm=not args.cold, gpus_per_trial=args.gpus_per_trial, scheduler=args.scheduler)
+                        warm_for=None if args.cold else runs_our_program, gpus_per_trial=args.gpus_per_trial,
+                        scheduler=args.scheduler)
     return launcher.dry_run() if args.dry_run else launcher.run()
 
 

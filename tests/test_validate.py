@@ -1,12 +1,11 @@
 """`agent validate` in process: each wrong sweep YAML gets its line, each runnable form of ours its config checks."""
 
-import re
 
 import pytest
 import yaml
 
+from agent.__main__ import main
 from agent.errors import UsageError
-from agent.online.launch import create
 from agent.program.run import make_config
 from agent.program.validate import validate
 from tests.conftest import write_image_folder
@@ -159,8 +158,9 @@ def test_validate_and_create_scan_an_image_folder_on_this_box_relative_to_where_
                 "expected train/<class>/<image>, a folder per class")
     assert validate([folder_sweep(tmp_path, "pets")]) == 1
     assert capsys.readouterr().out == f"{tmp_path}/sweep.yaml: {expected}\n"
-    with pytest.raises(UsageError, match=re.escape(expected)):  # before any call to W&B
-        create(folder_sweep(tmp_path, "pets"), None, None)
+    monkeypatch.setattr("agent.online.launch.create", lambda *args: pytest.fail("W&B was called"))
+    assert main(["create", folder_sweep(tmp_path, "pets")]) == 2
+    assert capsys.readouterr().err == f"agent create: {tmp_path}/sweep.yaml: {expected}\n"
 
 
 def test_validate_only_scans_and_says_which_folder_it_could_not_check_on_this_box(tmp_path, capsys):

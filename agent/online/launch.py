@@ -1,7 +1,7 @@
 """`python -m agent create` and `python -m agent launch`: a W&B sweep across GPU boxes.
 
-create: validate the YAML (no network on failure), check W&B (mode, credentials), then `wandb.sweep`;
-prints the launch command. launch: check W&B and the sweep once, before any agent starts (a missing
+create: a sweep the CLI has validated (no network on failure): check W&B (mode, credentials), then
+`wandb.sweep`; prints the launch command. launch: check W&B and the sweep once, before any agent starts (a missing
 key, an unreachable server or a missing sweep is one line, not agents failing and restarting); then,
 on one box, one program-based `wandb agent` per GPU slot (a fresh process per run: no GPU memory
 carried between runs), pinned with CUDA_VISIBLE_DEVICES, started staggered, restarted with backoff if
@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,6 @@ from agent.controller.processes import READY_TIMEOUT, WarmWorker
 from agent.errors import SWEEP_PATH, UsageError
 from agent.install import this_python_first
 from agent.online.api import find_sweep, wandb_api
-from agent.program.validate import load_sweep, runs_our_program, sweep_problems
-from cifar_core.config import default_project
 
 RUN_STARTED = re.compile(r"Agent Starting Run: (\w+)")
 BACKOFF_BASE, BACKOFF_MAX = 2.0, 60.0  # seconds before restarting a dead agent: base ** crashes, capped
@@ -39,14 +38,10 @@ OVER = ("FINISHED", "CANCELED")
 ONLINE = "unset WANDB_MODE or run `wandb online`; or run the sweep with no server: python -m agent local SWEEP.yaml"
 
 
-def create(path: str, project: str | None, entity: str | None) -> int:
-    sweep = load_sweep(path)
-    problems = sweep_problems(sweep)
-    if problems:
-        raise UsageError(f"{path}: " + "; ".join(problems))
+def create(path: str, sweep: dict, project: str, entity: str | None) -> int:
+    """`sweep`, read from `path` and checked by the CLI, created in `project` on W&B."""
     import wandb
 
-    project = project or sweep.get("project") or default_project()
     with wandb_api(f"{path}: W&B did not create the sweep", f"a sweep is created on the W&B server; {ONLINE}") as api:
         sweep_id = wandb.sweep(sweep, project=project, entity=entity)
         entity = entity or api.settings["entity"] or api.default_entity  # where wandb.sweep put it
@@ -118,8 +113,8 @@ def agent_command(sweep_path: str, count: int | None) -> list[str]:
 
 class Launcher:
     def __init__(self, sweep_path: str, gpus: str, agents_per_gpu: int, count: int | None,
-                 stagger: float, max_restarts: int, warm: bool = True, gpus_per_trial: int = 1,
-                 scheduler: bool = False):
+                 stagger: float, max_restarts: int, warm_for: Callable[[dict], bool] | None = None,
+                 gpus_per_trial: int = 1, scheduler: bool = False):
         if not SWEEP_PATH.fullmatch(sweep_path):
             raise UsageError(f"{sweep_path!r}: expected ENTITY/PROJECT/SWEEP_ID")
         if agents_per_gpu < 1:
@@ -133,7 +128,9 @@ class Launcher:
         self.forwarded = False  # whether the agents have been told
         self.relays: list[threading.Thread] = []
         self.lock = threading.Lock()
-        self.warm = warm  # a warm worker per agent, if the sweep runs our program (agent/program/warm.py)
+        # A warm worker per agent (agent/program/warm.py) for a sweep config it is true of: the CLI's test of
+        # whether the sweep runs our program (the W&B side knows no program).
+        self.warm_for = warm_for
         self.scheduler = scheduler  # whether this box runs the sweep's `wandb sweep-scheduler` (W&B allows one)
         self.scheduler_proc: subprocess.Popen | None = None
 
@@ -203,7 +200,7 @@ class Launcher:
         self.start_scheduler(config)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            if self.warm and runs_our_program(config):
+            if self.warm_for is not None and self.warm_for(config):
                 self.start_workers()
             for i, slot in enumerate(self.slots):
                 if i:  # staggered: agents asking at once would be handed the same first config

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from agent.contract import COSTS
 from agent.controller.engine import DEFAULT_COMMAND, engine_problems, schema_problems
 from agent.errors import UsageError, describe_validation_error, did_you_mean
-from cifar_core.config import LOGGED_METRICS, MONITORS, TrainConfig
+from cifar_core.config import LOGGED_METRICS, MONITORS, TrainConfig, default_project
 
 # What our program logs, and the goal that makes sense for it (None: either).
 GOALS = {**dict.fromkeys(LOGGED_METRICS), "val_acc": "maximize", "test_acc": "maximize", "val_loss": "minimize",
@@ -280,6 +280,19 @@ def unchecked(sweep: dict) -> str:
     away = [d for d in image_folders(parameters) if not Path(d).is_dir()] if runs_our_program(sweep) else []
     return f" (parameters.data_dir {', '.join(map(repr, away))}: not on this box; checked where it runs)" if away \
         else ""
+
+
+def checked_sweep(path: str) -> dict:
+    """The sweep in `path`, refused in one line naming every problem W&B or our program would hit."""
+    sweep = load_sweep(path)
+    if problems := sweep_problems(sweep):
+        raise UsageError(f"{path}: " + "; ".join(problems))
+    return sweep
+
+
+def project_of(sweep: dict) -> str:
+    """The W&B project a new sweep goes to when the command names none: its own, else our runs' default."""
+    return sweep.get("project") or default_project()
 
 
 def validate(paths: list[str]) -> int:
