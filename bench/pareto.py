@@ -100,8 +100,9 @@ def main() -> None:
         "left_out": front.excluded,
         "accuracy_best": best and point(best),
         "accuracy_best_dominated_by": dominating,
-        "cost_s_median": ended and statistics.median(t.summary["trial/cost_s"] for t in ended),
-        "cost_share_median": ended and statistics.median(t.summary["trial/cost_s"] / t.duration for t in ended),
+        "cost_s_median": statistics.median(t.summary["trial/cost_s"] for t in ended) if ended else None,
+        "cost_share_median": statistics.median(t.summary["trial/cost_s"] / t.duration for t in ended) if ended
+        else None,
     }
     print(json.dumps(result, indent=1))
     if args.json:

@@ -275,9 +275,9 @@ def sweep_problems(sweep: dict) -> list[str]:
 
 
 def unchecked(sweep: dict) -> str:
-    """What `ok` could not cover here: the image folders that are not on this box."""
-    parameters = {name: spec for name, spec in (sweep.get("parameters") or {}).items() if isinstance(spec, dict)}
-    away = [d for d in image_folders(parameters) if not Path(d).is_dir()] if runs_our_program(sweep) else []
+    """What `ok` could not cover here, of a sweep with no problems: the image folders that are not on this box."""
+    folders = image_folders(sweep.get("parameters") or {}) if runs_our_program(sweep) else []
+    away = [d for d in folders if not Path(d).is_dir()]
     return f" (parameters.data_dir {', '.join(map(repr, away))}: not on this box; checked where it runs)" if away \
         else ""
 
@@ -300,12 +300,13 @@ def validate(paths: list[str]) -> int:
     failed = False
     for path in paths:
         try:
-            problems = sweep_problems(load_sweep(path))
+            sweep = load_sweep(path)
+            problems = sweep_problems(sweep)
         except UsageError as e:
             problems = [str(e).removeprefix(f"{path}: ")]
         for problem in problems:
             print(f"{path}: {problem}")
         if not problems:
-            print(f"{path}: ok{unchecked(load_sweep(path))}")
+            print(f"{path}: ok{unchecked(sweep)}")
         failed |= bool(problems)
     return 1 if failed else 0
